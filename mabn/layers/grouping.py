@@ -1,0 +1,62 @@
+"""Cutting a device batch into consecutive normalization batches (groups of b samples).
+
+Every normalization layer of this package that accepts ``norm_batch_size`` sees its input
+``(N, C, *spatial)`` as ``(G, b, C, *spatial)`` with ``G = N // b`` groups. Per-group,
+per-channel quantities are ``(G, C)`` tensors; :func:`expand_stat` broadcasts them back
+against the grouped input. Keeping this in one place keeps the layers free of reshaping.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def num_groups(layer_name: str, batch_size: int, norm_batch_size: int | None) -> int:
+    """Number of normalization batches in a device batch; a clear error when b does not divide N."""
+    if norm_batch_size is None:
+        return 1
+    if batch_size % norm_batch_size != 0:
+        raise ValueError(
+            f"{layer_name}: a batch of {batch_size} samples cannot be cut into normalization batches of "
+            f"norm_batch_size={norm_batch_size}; norm_batch_size must divide the batch size"
+        )
+    return batch_size // norm_batch_size
+
+
+def split_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(N, C, *S)`` -> ``(G, N // G, C, *S)``, a view for any memory format (channels_last included)."""
+    return x.unflatten(0, (groups, x.shape[0] // groups))
+
+
+def reduce_dims(grouped: torch.Tensor) -> tuple[int, ...]:
+    """Dimensions of a grouped tensor that one normalization batch reduces over: samples and space."""
+    return (1,) + tuple(range(3, grouped.dim()))
+
+
+def expand_stat(stat: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    """``(G, C)`` -> ``(G, 1, C, 1, ...)``, broadcastable against ``grouped``."""
+    return stat.reshape(stat.shape[0], 1, stat.shape[1], *([1] * (grouped.dim() - 3)))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in float32 at least (float64 inputs keep float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def group_moments(x: torch.Tensor, groups: int, centered: bool, dtype: torch.dtype):
+    """Per-group, per-channel ``(mean, second moment)`` in ``dtype``.
+
+    ``centered=True``: the biased variance around the group mean (BN).
+    ``centered=False``: the quadratic mean ``chi^2 = mean(x^2)``; ``mean`` is ``None`` (MABN's reduced statistic).
+    """
+    xg = split_groups(x, groups).to(dtype)
+    dims = reduce_dims(xg)
+    if not centered:
+        return None, (xg * xg).mean(dims)
+    mean = xg.mean(dims)
+    centered_x = xg - expand_stat(mean, xg)
+    return mean, (centered_x * centered_x).mean(dims)
+
+
+def group_size(x: torch.Tensor, groups: int) -> int:
+    """Number of values one normalization batch reduces over (samples x spatial positions)."""
+    return x.numel() // (groups * x.shape[1]) if x.numel() else 0

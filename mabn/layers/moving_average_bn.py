@@ -1,0 +1,348 @@
+"""Moving Average Batch Normalization (Yan et al., ICLR 2020), as specified in ``shared/spec/MABN.md``.
+
+One implementation, :class:`_MovingAverageBatchNorm`, serves 1d, 2d and 3d inputs; the public classes
+only fix the accepted input ranks.
+
+Per channel and normalization batch, at training step ``t`` (the layer's training forwards) and
+normalization batch ``n`` (groups seen so far, this one included):
+
+* forward: ``chi2_t = mean(x^2)`` (reduced statistic, no centering); ``chi2_bar`` is ``chi2_t`` during
+  warm-up, else the simple moving average (SMA) of the last ``m`` values; ``z = x / sqrt(chi2_bar + eps)``;
+  ``y = gamma * r * z + beta`` with the renormalization ``r = sqrt(chi2_bar + eps) / sqrt(nu + eps)``
+  (1 during its warm-up, else clipped to ``[1/r_max, r_max]``); ``nu`` is the EMA of ``chi2_bar``.
+* backward: ``Psi_t = mean(gamma * r * dy * z)``, ``Psi_bar`` its SMA under the same warm-up rule, and
+  ``dx = (gamma * r * dy - z * Psi_bar) / sqrt(chi2_bar + eps)``.
+* inference: ``y = gamma * x / sqrt(nu + eps) + beta``, an affine map that folds into the previous conv.
+
+The ablation switches of the paper (``forward_sma``, ``backward_sma``, ``reduced_stats``, ``renorm``)
+and both warm-up schedules the authors released (``warmup='formal'`` / ``'classification'``) are options.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grouping import group_moments, num_groups
+from .moving_averages import sequential_ema, sliding_window_mean
+from .normalize import group_normalize
+
+WARMUPS = ("formal", "classification")
+
+
+@dataclass
+class _Plan:
+    """What one training forward decided; kept so that a checkpointed recomputation replays it."""
+
+    groups: int
+    mean: Optional[torch.Tensor]  # (G, C) centre, None for reduced statistics
+    std: torch.Tensor  # (G, C) sqrt(second moment + eps)
+    r: Optional[torch.Tensor]  # (G, C) renormalization, None when renorm is off
+    backward_sma: torch.Tensor  # (G,) bool: use the SMA of Psi (and g) for this group
+
+
+class _BackwardToken:
+    """Lives exactly as long as one forward's autograd graph; says whether its backward has run."""
+
+    __slots__ = ("done", "__weakref__")
+
+    def __init__(self):
+        self.done = False
+
+
+def _recomputing_in_backward() -> bool:
+    # Activation checkpointing (both torch.utils.checkpoint modes) reruns forwards from inside the
+    # autograd engine; a regular forward never runs there.
+    return torch._C._current_graph_task_id() != -1
+
+
+class _MovingAverageBatchNorm(nn.Module):
+    _input_ranks: tuple[int, ...] = ()
+    _rank_help: str = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        B: Optional[int] = None,
+        real_B: Optional[int] = None,
+        eps: float = 1e-5,
+        momentum: float = 0.98,
+        warmup_iters: Optional[int] = None,
+        *,
+        buffer_size: Optional[int] = None,
+        norm_batch_size: Optional[int] = None,
+        renorm_warmup_iters: Optional[int] = None,
+        r_max: float = 5.0,
+        warmup: str = "formal",
+        forward_sma: bool = True,
+        backward_sma: bool = True,
+        reduced_stats: bool = True,
+        renorm: bool = True,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        """
+        Args:
+            num_features: channels C.
+            B, real_B: the authors' way to give the window: ``buffer_size = real_B // B`` normalization
+                batches (``real_B`` must be a multiple of ``B``). Give either these or ``buffer_size``.
+            eps: added to the second moment before the square root.
+            momentum: EMA keep-rate alpha of the inference statistic, ``nu <- alpha * nu + (1 - alpha) * chi2_bar``
+                (the authors' convention, the opposite of ``nn.BatchNorm2d``'s ``momentum``).
+            warmup_iters: first training step at which the SMA may be used (default 100 for the formal warm-up,
+                2 for the classification one).
+            buffer_size: SMA window m, in normalization batches (default 16).
+            norm_batch_size: normalization batch b; the device batch is cut into consecutive groups of b
+                samples, each normalized on its own (default: the whole device batch).
+            renorm_warmup_iters: r is forced to 1 during the first this-many training steps (default
+                ``max(1000, warmup_iters)`` for the formal warm-up, 99 for the classification one).
+            r_max: clip lambda of the renormalization factor r, in ``[1 / r_max, r_max]``.
+            warmup: ``'formal'`` (the authors' detection release: SMA once the window holds m batches and
+                ``t >= warmup_iters``; EMA updated after every normalization batch) or ``'classification'``
+                (their classification release: SMA from step ``warmup_iters`` on over a window seeded with
+                ones; EMA seeded at step 1 and updated once per step with the mean of the step's groups;
+                every group of a step computes r from the previous step's EMA).
+            forward_sma, backward_sma: use the SMA of the forward (chi^2) / backward (Psi) statistic;
+                off means the plain per-batch statistic (ablation).
+            reduced_stats: True: no centering (chi^2, Psi), for use after weight-centered convs; False: full
+                statistics (mean and variance forward, g and Psi backward), each tracked like chi^2 / Psi.
+            renorm: apply the renormalization factor r (ablation).
+            affine: learnable per-channel gamma (``weight``) and beta (``bias``).
+        """
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        name = type(self).__name__
+        if (B is None) != (real_B is None):
+            raise ValueError(f"{name}: give both B and real_B (window = real_B // B), or neither")
+        if B is not None:
+            if buffer_size is not None:
+                raise ValueError(f"{name}: give the SMA window either as buffer_size or as (B, real_B), not both")
+            if B <= 0 or real_B <= 0 or real_B % B != 0:
+                raise ValueError(
+                    f"{name}: real_B={real_B} must be a positive multiple of B={B}; "
+                    "the SMA window holds real_B // B normalization batches"
+                )
+            buffer_size = real_B // B
+        buffer_size = 16 if buffer_size is None else buffer_size
+        if warmup not in WARMUPS:
+            raise ValueError(f"{name}: warmup must be one of {WARMUPS}, got {warmup!r}")
+        if warmup_iters is None:
+            warmup_iters = 100 if warmup == "formal" else 2
+        if renorm_warmup_iters is None:
+            renorm_warmup_iters = max(1000, warmup_iters) if warmup == "formal" else 99
+        for label, value in (("num_features", num_features), ("buffer_size", buffer_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: {label} must be a positive integer, got {value!r}")
+        if norm_batch_size is not None and (not isinstance(norm_batch_size, int) or norm_batch_size <= 0):
+            raise ValueError(f"{name}: norm_batch_size must be a positive integer or None, got {norm_batch_size!r}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{name}: momentum (EMA keep-rate) must be in [0, 1], got {momentum}")
+        if eps <= 0:
+            raise ValueError(f"{name}: eps must be positive, got {eps}")
+        if r_max < 1:
+            raise ValueError(f"{name}: r_max must be at least 1, got {r_max}")
+        if warmup_iters < 0 or renorm_warmup_iters < 0:
+            raise ValueError(f"{name}: warm-up lengths must be non-negative")
+
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.buffer_size = buffer_size
+        self.norm_batch_size = norm_batch_size
+        self.warmup = warmup
+        self.warmup_iters = int(warmup_iters)
+        self.renorm_warmup_iters = int(renorm_warmup_iters)
+        self.r_max = float(r_max)
+        self.forward_sma = forward_sma
+        self.backward_sma = backward_sma
+        self.reduced_stats = reduced_stats
+        self.renorm = renorm
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+        full = not reduced_stats
+        # The classification release seeds the chi^2 window with ones (and Psi with zeros).
+        seed = torch.ones if warmup == "classification" else torch.zeros
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory) if full else None)
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("num_norm_batches", torch.zeros((), dtype=torch.long, device=device))
+        # Windows hold the last m per-normalization-batch statistics, oldest first.
+        self.register_buffer("window_var", seed(buffer_size, num_features, **factory))
+        self.register_buffer("window_mean", torch.zeros(buffer_size, num_features, **factory) if full else None)
+        self.register_buffer("window_psi", torch.zeros(buffer_size, num_features, **factory))
+        self.register_buffer("window_grad_mean", torch.zeros(buffer_size, num_features, **factory) if full else None)
+
+        self._last_plan: Optional[_Plan] = None
+        self._pending: Optional[weakref.ref] = None
+
+    def __getstate__(self):
+        # The pending-backward weakref and the last plan belong to one live autograd graph, not to the model.
+        state = self.__dict__.copy()
+        state["_pending"] = None
+        state["_last_plan"] = None
+        return state
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.training:
+            return self._inference(x)
+        if x.shape[0] == 0:
+            # e.g. a mask head that received no RoI: nothing to normalize, nothing to learn from.
+            return self._inference(x)
+        groups = num_groups(type(self).__name__, x.shape[0], self.norm_batch_size)
+        if _recomputing_in_backward():
+            plan = self._replay(groups)
+        else:
+            self._check_no_pending_backward()
+            with torch.no_grad():
+                mean_t, var_t = group_moments(x, groups, centered=not self.reduced_stats, dtype=self.running_var.dtype)
+                plan = self._advance(mean_t, var_t)
+            self._last_plan = plan
+        token = _BackwardToken()
+        grad_statistics = functools.partial(self._backward_statistics, plan.backward_sma, token)
+        y = group_normalize(x, self.weight, self.bias, plan.mean, plan.std, plan.r, None, groups, grad_statistics)
+        if y.requires_grad:
+            self._pending = weakref.ref(token)
+        return y
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        mean = self.running_mean if self.running_mean is not None else torch.zeros_like(self.running_var)
+        return F.batch_norm(x, mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        name = type(self).__name__
+        if x.dim() not in self._input_ranks:
+            raise ValueError(f"{name}: expected {self._rank_help} input, got a {x.dim()}D tensor of shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{name}: expected {self.num_features} channels (dim 1), got input of shape {tuple(x.shape)}")
+
+    def _check_no_pending_backward(self) -> None:
+        token = self._pending() if self._pending is not None else None
+        if token is not None and not token.done:
+            raise RuntimeError(
+                f"{type(self).__name__}: a second training forward ran before the backward of the previous one. "
+                "MABN's SMA windows are ordered by normalization batch, so several forwards sharing one backward "
+                "(e.g. two crops through one model) would corrupt them: call backward after each forward, or run the "
+                "extra forward in eval mode or under torch.no_grad()."
+            )
+
+    def _replay(self, groups: int) -> _Plan:
+        plan = self._last_plan
+        if plan is None or plan.groups != groups:
+            raise RuntimeError(
+                f"{type(self).__name__}: forward recomputed during backward (activation checkpointing) without a "
+                "matching earlier forward of this layer"
+            )
+        return plan
+
+    @torch.no_grad()
+    def _advance(self, mean_t: Optional[torch.Tensor], var_t: torch.Tensor) -> _Plan:
+        """Push this step's per-group statistics, update every forward buffer, return what to normalize with."""
+        groups = var_t.shape[0]
+        step = self.num_steps + 1
+        batch_index = self.num_norm_batches + torch.arange(1, groups + 1, device=step.device)
+        use_sma = step >= self.warmup_iters
+        if self.warmup == "formal":
+            use_sma = use_sma & (batch_index > self.buffer_size)
+        else:
+            use_sma = use_sma.expand(groups)
+
+        var_bar = self._forward_average(self.window_var, var_t, use_sma)
+        mean_bar = None if mean_t is None else self._forward_average(self.window_mean, mean_t, use_sma)
+
+        var_seen = self._update_ema(self.running_var, var_bar, step)
+        if mean_bar is not None:
+            self._update_ema(self.running_mean, mean_bar, step)
+
+        std = (var_bar + self.eps).sqrt()
+        r = None
+        if self.renorm:
+            r = (std / (var_seen + self.eps).sqrt()).clamp(1.0 / self.r_max, self.r_max)
+            r = torch.where(step > self.renorm_warmup_iters, r, torch.ones_like(r))
+        self.num_steps.copy_(step)
+        self.num_norm_batches.add_(groups)
+        return _Plan(groups, mean_bar, std, r, use_sma if self.backward_sma else torch.zeros_like(use_sma))
+
+    def _forward_average(self, window: torch.Tensor, values: torch.Tensor, use_sma: torch.Tensor) -> torch.Tensor:
+        means, new_window = sliding_window_mean(window, values)
+        window.copy_(new_window)
+        if not self.forward_sma:
+            return values
+        return torch.where(use_sma[:, None], means, values)
+
+    def _update_ema(self, average: torch.Tensor, values: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """Fold this step's statistics into the inference EMA; return the EMA each group's r is computed from."""
+        if self.warmup == "formal":
+            seen, after = sequential_ema(average, values, self.momentum)
+        else:
+            seen = average.expand_as(values)
+            step_mean = values.mean(0)
+            seeded = torch.where(step == 1, step_mean, average)
+            after = self.momentum * seeded + (1 - self.momentum) * step_mean
+        seen = seen.clone()  # `average` is overwritten below
+        average.copy_(after)
+        return seen
+
+    # ----------------------------------------------------------------- backward
+    @torch.no_grad()
+    def _backward_statistics(self, use_sma: torch.Tensor, token: _BackwardToken, grad_mean, psi):
+        """Called once by the backward of the forward that created ``token``: push Psi (and g), return the SMA."""
+        if token.done:
+            raise RuntimeError(
+                f"{type(self).__name__}: backward ran twice through the same forward (retain_graph=True); "
+                "it would push its Psi into the SMA window twice"
+            )
+        token.done = True
+        psi_bar = self._backward_average(self.window_psi, psi, use_sma)
+        grad_bar = None if grad_mean is None else self._backward_average(self.window_grad_mean, grad_mean, use_sma)
+        return grad_bar, psi_bar
+
+    def _backward_average(self, window: torch.Tensor, values: torch.Tensor, use_sma: torch.Tensor) -> torch.Tensor:
+        means, new_window = sliding_window_mean(window, values)
+        window.copy_(new_window)
+        return torch.where(use_sma[:, None], means.to(values.dtype), values)
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, buffer_size={self.buffer_size}, "
+            f"norm_batch_size={self.norm_batch_size}, warmup={self.warmup!r}, warmup_iters={self.warmup_iters}, "
+            f"renorm_warmup_iters={self.renorm_warmup_iters}, r_max={self.r_max}"
+        )
+        ablations = [
+            f"{k}=False" for k in ("forward_sma", "backward_sma", "reduced_stats", "renorm", "affine") if not getattr(self, k)
+        ]
+        return ", ".join([text] + ablations)
+
+
+class MABN1d(_MovingAverageBatchNorm):
+    """MABN for ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    _input_ranks = (2, 3)
+    _rank_help = "2D (N, C) or 3D (N, C, L)"
+
+
+class MABN2d(_MovingAverageBatchNorm):
+    """MABN for ``(N, C, H, W)`` inputs; place it after a :class:`~mabn.CenConv2d`."""
+
+    _input_ranks = (4,)
+    _rank_help = "4D (N, C, H, W)"
+
+
+class MABN3d(_MovingAverageBatchNorm):
+    """MABN for ``(N, C, D, H, W)`` inputs."""
+
+    _input_ranks = (5,)
+    _rank_help = "5D (N, C, D, H, W)"
