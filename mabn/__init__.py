@@ -1,4 +1,13 @@
-"""Moving Average Batch Normalization (Yan et al., ICLR 2020) and the baselines it is compared with."""
+"""Moving Average Batch Normalization (Yan et al., ICLR 2020) and the baselines it is compared with.
+
+    from mabn import MABN2d, CenConv2d
+    model = mabn.convert_model(torchvision.models.resnet50(), norm="mabn", conv="cen")
+    deployable = mabn.fold_model(model)
+"""
+from .authors_checkpoint import load_authors_state_dict
+from .batch_statistics import BatchStatisticsRecorder
+from .convert import convert_model
+from .fold import fold_model
 from .layers import (
     NORMS,
     BatchNorm2d,
@@ -14,3 +23,21 @@ from .layers import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "NORMS",
+    "BatchNorm2d",
+    "BatchRenorm2d",
+    "BatchStatisticsRecorder",
+    "CenConv2d",
+    "MABN1d",
+    "MABN2d",
+    "MABN3d",
+    "SyncBatchNorm",
+    "build_norm",
+    "convert_model",
+    "fold_model",
+    "load_authors_state_dict",
+    "norm_options",
+    "register_norm",
+]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .grouping import accumulation_dtype, group_moments, group_size, num_groups
@@ -40,7 +41,9 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.norm_batch_size = norm_batch_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.norm_batch_size is None or x.shape[0] in (0, self.norm_batch_size):
+        if self.training and x.shape[0] == 0:  # e.g. a head that received no RoI: leave every buffer alone
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, not self.track_running_stats, 0.0, self.eps)
+        if not self.training or self.norm_batch_size is None or x.shape[0] == self.norm_batch_size:
             return super().forward(x)
         self._check_input_dim(x)
         groups = num_groups(type(self).__name__, x.shape[0], self.norm_batch_size)

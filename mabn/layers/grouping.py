@@ -37,6 +37,25 @@ def expand_stat(stat: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
     return stat.reshape(stat.shape[0], 1, stat.shape[1], *([1] * (grouped.dim() - 3)))
 
 
+def per_sample(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(G, C)`` -> ``(N, C, 1, ...)``: each group's value repeated for its samples, broadcastable against
+    the ungrouped ``x`` (so that outputs are computed on ``x`` itself, not on a grouped view of it)."""
+    samples = stat.repeat_interleave(x.shape[0] // stat.shape[0], dim=0) if stat.shape[0] > 1 else stat
+    return samples.reshape(samples.shape[0], samples.shape[1], *([1] * (x.dim() - 2)))
+
+
+def group_mean(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-group, per-channel mean of ``t`` (N, C, *S) -> (G, C)."""
+    grouped = split_groups(t, groups)
+    return grouped.mean(reduce_dims(grouped))
+
+
+def group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-group, per-channel sum of ``t`` (N, C, *S) -> (G, C)."""
+    grouped = split_groups(t, groups)
+    return grouped.sum(reduce_dims(grouped))
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are accumulated in float32 at least (float64 inputs keep float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -22,20 +22,23 @@ from typing import Callable, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .grouping import accumulation_dtype, expand_stat, reduce_dims, split_groups
+from .grouping import accumulation_dtype, group_mean, per_sample
 
 # (g_mean or None, psi) per group -> (g_bar or None, psi_bar); called once per backward.
 GradStatistics = Callable[[Optional[torch.Tensor], torch.Tensor], tuple]
 
 
-def _view(t: Optional[torch.Tensor], like: torch.Tensor, default: float):
-    return default if t is None else expand_stat(t, like)
+def _per_sample(t: Optional[torch.Tensor], x: torch.Tensor, default: float):
+    return default if t is None else per_sample(t, x)
 
 
-def _channel_view(t: Optional[torch.Tensor], like: torch.Tensor):
-    if t is None:
-        return 1.0
-    return t.reshape(1, 1, -1, *([1] * (like.dim() - 3)))
+def _per_channel(t: Optional[torch.Tensor], x: torch.Tensor):
+    return 1.0 if t is None else t.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _normalized(x: torch.Tensor, mean, std) -> torch.Tensor:
+    centred = x - per_sample(mean, x) if mean is not None else x
+    return centred / per_sample(std, x)
 
 
 class GroupNormalize(torch.autograd.Function):
@@ -44,46 +47,45 @@ class GroupNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, std, r, d, groups: int, grad_statistics: Optional[GradStatistics]):
         acc = accumulation_dtype(x.dtype)
-        xg = split_groups(x, groups).to(acc)
-        z = xg - _view(mean, xg, 0.0) if mean is not None else xg
-        z = z / expand_stat(std, xg)
-        y = _view(r, xg, 1.0) * z + _view(d, xg, 0.0)
-        y = _channel_view(weight, xg) * y + (_channel_view(bias, xg) if bias is not None else 0.0)
+        xa = x.to(acc)
+        y = _per_sample(r, xa, 1.0) * _normalized(xa, mean, std) + _per_sample(d, xa, 0.0)
+        y = _per_channel(weight, xa) * y
+        if bias is not None:
+            y = y + _per_channel(bias, xa)
         ctx.groups = groups
         ctx.grad_statistics = grad_statistics
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, mean, std, r, d)
-        return y.flatten(0, 1).to(x.dtype)
+        return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, std, r, d = ctx.saved_tensors
+        groups = ctx.groups
         acc = accumulation_dtype(x.dtype)
-        xg = split_groups(x, ctx.groups).to(acc)
-        dyg = split_groups(dy, ctx.groups).to(acc)
-        dims = reduce_dims(xg)
-        std_v = expand_stat(std, xg)
-        z = (xg - _view(mean, xg, 0.0) if mean is not None else xg) / std_v
-        g = dyg * _channel_view(weight, xg) * _view(r, xg, 1.0)
+        xa, dya = x.to(acc), dy.to(acc)
+        z = _normalized(xa, mean, std)
+        g = dya * _per_channel(weight, xa) * _per_sample(r, xa, 1.0)
 
-        psi = (g * z).mean(dims)
-        g_mean = g.mean(dims) if mean is not None else None
+        psi = group_mean(g * z, groups)
+        g_mean = group_mean(g, groups) if mean is not None else None
         if ctx.grad_statistics is not None:
             g_mean, psi = ctx.grad_statistics(g_mean, psi)
 
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = g - z * expand_stat(psi, xg)
+            dx = g - z * per_sample(psi, xa)
             if g_mean is not None:
-                dx = dx - expand_stat(g_mean, xg)
-            dx = (dx / std_v).flatten(0, 1).to(x.dtype)
+                dx = dx - per_sample(g_mean, xa)
+            dx = (dx / per_sample(std, xa)).to(x.dtype)
         dweight = dbias = None
+        reduce = [0] + list(range(2, x.dim()))
         if weight is not None and ctx.needs_input_grad[1]:
-            y_hat = _view(r, xg, 1.0) * z + _view(d, xg, 0.0)
-            dweight = (dyg * y_hat).sum(dims).sum(0).to(weight.dtype)
+            y_hat = _per_sample(r, xa, 1.0) * z + _per_sample(d, xa, 0.0)
+            dweight = (dya * y_hat).sum(reduce).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            dbias = dyg.sum(dims).sum(0).to(ctx.bias_dtype)
+            dbias = dya.sum(reduce).to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None, None
 
 

@@ -1,0 +1,95 @@
+"""Swap the norms (and optionally the convs) of any model, torchvision's included, keeping its keys.
+
+    model = torchvision.models.resnet50()
+    mabn.convert_model(model, norm="mabn", conv="cen", norm_options={"norm_batch_size": 2})
+
+Module names do not change, parameters are carried over (the same ``nn.Parameter`` objects), and
+running statistics are translated where the target keeps any (BN's ``mean / var`` become MABN's
+second moment ``var + mean^2``), so a converted pretrained model starts from its statistics.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .layers.cen_conv import CenConv2d
+from .layers.factory import build_norm
+from .layers.moving_average_bn import _MovingAverageBatchNorm
+
+# Norms that convert_model replaces: every flavour of 2d batch normalization torchvision models use.
+SOURCE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+
+
+def convert_model(
+    model: nn.Module,
+    norm: Optional[str] = None,
+    conv: Optional[str] = None,
+    norm_options: Optional[dict] = None,
+    conv_filter: Optional[Callable[[str, nn.Conv2d], bool]] = None,
+) -> nn.Module:
+    """Replace, in place, every 2d batch norm by ``build_norm(norm, C, **norm_options)`` and, with
+    ``conv='cen'``, every ``nn.Conv2d`` (those for which ``conv_filter(name, module)`` is true) by a
+    :class:`~mabn.CenConv2d`. ``norm=None`` leaves the norms alone. Returns ``model``."""
+    if conv not in (None, "plain", "cen"):
+        raise ValueError(f"conv must be None, 'plain' or 'cen', got {conv!r}")
+    norm_options = dict(norm_options or {})
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full_name = f"{name}.{child_name}" if name else child_name
+            replacement = None
+            if norm is not None and isinstance(child, SOURCE_NORMS):
+                replacement = _convert_norm(child, norm, norm_options)
+            elif conv == "cen" and type(child) is nn.Conv2d and (conv_filter is None or conv_filter(full_name, child)):
+                replacement = _centered_conv(child)
+            if replacement is not None:
+                setattr(module, child_name, replacement)
+    return model
+
+
+def _centered_conv(conv: nn.Conv2d) -> CenConv2d:
+    new = CenConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+    )
+    new.weight = conv.weight
+    new.bias = conv.bias
+    new.train(conv.training)
+    return new
+
+
+def _convert_norm(old: nn.Module, norm: str, options: dict) -> nn.Module:
+    channels = old.num_features if hasattr(old, "num_features") else old.weight.shape[0]
+    new = build_norm(norm, channels, **options)
+    reference = old.weight if isinstance(old.weight, torch.Tensor) else old.running_var
+    new = new.to(device=reference.device, dtype=reference.dtype)
+    weight, bias = getattr(old, "weight", None), getattr(old, "bias", None)
+    if isinstance(getattr(new, "weight", None), nn.Parameter) and weight is not None:
+        new.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach().clone())
+        new.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone())
+    elif getattr(new, "weight", None) is not None and weight is not None:  # frozen target: buffers
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            new.bias.copy_(bias)
+    _carry_running_stats(old, new)
+    new.train(old.training)
+    return new
+
+
+@torch.no_grad()
+def _carry_running_stats(old: nn.Module, new: nn.Module) -> None:
+    mean, var = getattr(old, "running_mean", None), getattr(old, "running_var", None)
+    if mean is None or var is None:
+        return
+    if isinstance(new, _MovingAverageBatchNorm):
+        if new.running_mean is not None:
+            new.running_mean.copy_(mean)
+            new.running_var.copy_(var)
+        else:  # the reduced statistic is the second moment around zero
+            new.running_var.copy_(var + mean * mean)
+        return
+    if getattr(new, "running_mean", None) is not None and getattr(new, "running_var", None) is not None:
+        new.running_mean.copy_(mean)
+        new.running_var.copy_(var)
