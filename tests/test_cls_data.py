@@ -48,7 +48,10 @@ def test_image_folder_loads_with_transforms(tmp_path, transform, crop):
 def test_image_folder_converts_every_mode_to_rgb(tmp_path):
     make_image_folder(tmp_path, "val", CLASSES)
     dataset = D.image_folder(tmp_path, "val")
-    modes = {Image.open(path).mode for path, _ in dataset.samples}
+    modes = set()
+    for path, _ in dataset.samples:
+        with Image.open(path) as image:
+            modes.add(image.mode)
     assert modes == {mode for _, mode in IMAGE_KINDS}  # the fixture really mixes modes
     assert all(dataset[i][0].mode == "RGB" for i in range(len(dataset)))
 

@@ -1,0 +1,1 @@
+"""ImageNet / Fashion-MNIST classification trainer (launched with torchrun: cls/train.py)."""
