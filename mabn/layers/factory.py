@@ -10,7 +10,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .batch_norm import BatchNorm2d
 from .batch_renorm import BatchRenorm2d
-from .moving_average_bn import MABN2d
+from .moving_average_bn import MABN2d, _MovingAverageBatchNorm
 from .sync_batch_norm import SyncBatchNorm
 
 
@@ -41,6 +41,16 @@ NORMS: Dict[str, Callable[..., nn.Module]] = {
     "mabn": MABN2d,
     "frozenbn": FrozenBatchNorm2d,
 }
+
+
+# Every normalization layer type (of torch and of this package), e.g. to exempt their parameters from weight decay.
+NORM_TYPES = (
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, BatchRenorm2d, _MovingAverageBatchNorm, FrozenBatchNorm2d,
+)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES)
 
 
 def register_norm(name: str, builder: Callable[..., nn.Module]) -> None:

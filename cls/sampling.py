@@ -1,0 +1,68 @@
+"""Data order and augmentation that depend only on (seed, epoch, index): exact resume from any step.
+
+The training sampler shards a seeded permutation of each epoch across ranks (like
+``DistributedSampler``) and can start anywhere inside it; it yields ``(epoch, index)`` pairs, and
+:class:`SeededDataset` reseeds the random generators from them before the transforms run. The random
+crop and flip of a sample therefore never depend on which worker loaded it or on whether the run
+was interrupted, so a resumed run sees exactly the batches an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+class ResumableDistributedSampler(Sampler):
+    """Per epoch: a permutation seeded by ``(seed, epoch)``, cut to a multiple of ``world_size * batch_size``
+    (every rank takes the same number of full batches), rank ``r`` taking every ``world_size``-th index."""
+
+    def __init__(self, dataset_size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.dataset_size, self.batch_size = dataset_size, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.batches_per_epoch = dataset_size // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {dataset_size} samples, fewer than one global batch of "
+                f"{world_size} x {batch_size}"
+            )
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate over ``epoch``, skipping its first ``start_batch`` batches (already trained on)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.dataset_size, generator=g)[: self.batches_per_epoch * self.batch_size * self.world_size]
+        return order[self.rank::self.world_size].tolist()
+
+    def __iter__(self):
+        for index in self._indices()[self.start_batch * self.batch_size:]:
+            yield self.epoch, index
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class SeededDataset(Dataset):
+    """Takes ``(epoch, index)`` and seeds torch / random from ``(seed, epoch, index)`` before loading."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        return self.dataset[index]
+
+
+def shard_indices(dataset_size: int, rank: int, world_size: int) -> list[int]:
+    """Evaluation shard of one rank: every sample exactly once over all ranks, no padding duplicates."""
+    return list(range(rank, dataset_size, world_size))

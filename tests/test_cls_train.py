@@ -1,0 +1,182 @@
+"""The classification trainer end to end: torchrun on gloo, --test-only, exact resume, failures."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torchvision
+
+from fixtures_cls import write_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "cls", "train.py")
+
+
+def make_folder(root, per_class=8, classes=("a", "b", "c"), size=(40, 36)):
+    for split, count in (("train", per_class), ("val", per_class // 2 + 1)):
+        for c, name in enumerate(classes):
+            os.makedirs(root / split / name, exist_ok=True)
+            for k in range(count):
+                write_image(root / split / name / f"{k}.png", size, "RGB", seed=1000 * c + 10 * k + (split == "val"))
+    return root
+
+
+def tiny_args(data, out, *extra):
+    """ResNet-18 at 32 px on a generated 3-class ImageFolder, through the ImageNet data path."""
+    return [
+        "MODEL.ARCH", "resnet18", "MODEL.NUM_CLASSES", "3", "DATA.DATASET", "imagenet", "DATA.ROOT", str(data),
+        "DATA.CROP_SIZE", "32", "DATA.RESIZE_SIZE", "36", "DATA.BATCH_SIZE", "4", "DATA.WORKERS", "0",
+        "TEST.BATCH_SIZE", "5", "SOLVER.EPOCHS", "1", "LOG.PERIOD", "1", "LOG.PROGRESS", "False",
+        "OUTPUT_DIR", str(out), *extra,
+    ]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, launcher=("python",), timeout=300, check=True):
+    if launcher[0] == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN, *args]
+    elif launcher[0] == "launch":
+        cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={free_port()}", TRAIN, *args]
+    else:
+        cmd = [sys.executable, TRAIN, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("imagefolder"))
+
+
+@pytest.mark.parametrize("norm,extra", [("bn", []), ("brn", ["MODEL.NORM_OPTIONS", "{warmup_steps: 1}"]), ("syncbn", []),
+                                        ("mabn", ["MODEL.NORM_BATCH_SIZE", "2", "MODEL.CENTERED_CONVS", "True"])])
+def test_torchrun_two_processes_then_test_only(data, tmp_path, norm, extra):
+    out = tmp_path / norm
+    run(tiny_args(data, out, "MODEL.NORM", norm, *extra), launcher=("torchrun",))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["samples"] == 15  # 3 classes x 5 val images, each counted once
+    assert metrics["total_steps"] == 3  # 24 images / (2 ranks x 4)
+    assert (out / "config.yaml").exists() and (out / "log.txt").exists()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
+    test_args = ["--test-only", "--checkpoint", str(out / "model_final.pth")] + tiny_args(data, out, "MODEL.NORM", norm, *extra)
+    run(test_args, launcher=("torchrun",))
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["samples"] == 15
+    assert evaluated["top1_err"] == pytest.approx(metrics["top1_err"])
+
+
+def test_deprecated_launcher_with_local_rank_argument(data, tmp_path):
+    run(tiny_args(data, tmp_path / "launch", "MODEL.NORM", "bn"), launcher=("launch",))
+    assert json.loads((tmp_path / "launch" / "metrics.json").read_text())["finished"]
+
+
+def _final_weights(out):
+    return torch.load(out / "model_final.pth", weights_only=True)["model"]
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
+    common = ["MODEL.NORM", "mabn", "MODEL.NORM_BATCH_SIZE", "2", "MODEL.CENTERED_CONVS", "True", "SOLVER.EPOCHS", "4",
+              "CHECKPOINT.PERIOD_STEPS", "2", "DATA.WORKERS", "2", "MODEL.NORM_OPTIONS", "{warmup_iters: 2, renorm_warmup_iters: 3, buffer_size: 4}"]
+    reference = tmp_path / "uninterrupted"
+    run(tiny_args(data, reference, *common))
+
+    interrupted = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, TRAIN, *tiny_args(data, interrupted, *common)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (interrupted / "checkpoint.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (interrupted / "checkpoint.pth").exists() and not (interrupted / "model_final.pth").exists(), "the kill came too late"
+    resumed = run(tiny_args(data, interrupted, *common))
+    assert "resumed from" in resumed.stderr
+    ours, theirs = _final_weights(interrupted), _final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_torchvision_resnet50_weights_load_into_the_bn_model(tmp_path):
+    from cls.train import build_model, load_weights
+    from cls.config import get_default_config
+
+    weights = torchvision.models.resnet50().state_dict()
+    path = tmp_path / "tv.pth"
+    torch.save(weights, path)
+    model = build_model(get_default_config())
+    load_weights(model, str(path))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    mabn_model = build_model(get_default_config().merge_from_list(["MODEL.NORM", "mabn"]))
+    with pytest.raises(RuntimeError, match=f"cannot load weights from {path}"):
+        load_weights(mabn_model, str(path))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["SOLVER.BASE_LRR", "0.1"], "unknown config key 'SOLVER.BASE_LRR' in the command line (did you mean 'SOLVER.BASE_LR'?)"),
+        (["SOLVER.EPOCHS", "many"], "config key 'SOLVER.EPOCHS' in the command line expects an integer, got 'many'"),
+        (["MODEL.NORM", "mabn", "MODEL.NORM_BATCH_SIZE", "3"], "MODEL.NORM_BATCH_SIZE=3 must be a positive divisor of DATA.BATCH_SIZE=4"),
+        (["MODEL.NORM", "gn", "MODEL.NORM_BATCH_SIZE", "2"], "MODEL.NORM_BATCH_SIZE applies to bn, brn, mabn, not MODEL.NORM 'gn'"),
+    ],
+)
+def test_config_errors(data, tmp_path, overrides, message):
+    result = run(tiny_args(data, tmp_path / "x", *overrides), check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_missing_data_directory(tmp_path):
+    result = run(tiny_args(tmp_path / "nowhere", tmp_path / "x"), check=False)
+    assert result.returncode != 0 and f"{tmp_path / 'nowhere'}" in result.stderr
+
+
+def test_corrupt_image_fails_naming_the_file_and_ends_the_distributed_job(tmp_path):
+    data = make_folder(tmp_path / "data")
+    bad = data / "train" / "b" / "3.png"
+    bad.write_bytes(b"not an image at all")
+    started = time.time()
+    result = run(tiny_args(data, tmp_path / "x", "SOLVER.EPOCHS", "2"), launcher=("torchrun",), check=False, timeout=240)
+    assert result.returncode != 0
+    assert str(bad) in result.stdout + result.stderr
+    assert time.time() - started < 200  # the surviving rank was stopped, not left waiting
+    ok = run(tiny_args(data, tmp_path / "skip", "DATA.SKIP_CORRUPT", "True"))
+    assert "3.png" in ok.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    out = tmp_path / "nan"
+    result = run(tiny_args(data, out, "SOLVER.EPOCHS", "3", "SOLVER.BASE_LR", "1e12", "CHECKPOINT.PERIOD_STEPS", "1"), check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    message = result.stderr.lower()
+    assert "loss is nan" in message or "loss is inf" in message
+    assert f"The last good checkpoint is {out / 'checkpoint.pth'}" in result.stderr
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["step"] >= 1 and not (out / "model_final.pth").exists()
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_fashion_mnist_short_run_learns(tmp_path):
+    """Real data: 250 steps of a ResNet-20 with MABN at b = 2 on Fashion-MNIST (measured ~20% test error)."""
+    out = tmp_path / "fm"
+    run(["--config", os.path.join(ROOT, "configs", "cls", "fashion_mnist", "mabn_b2.yaml"), "SOLVER.MAX_STEPS", "250",
+         "DATA.WORKERS", "1", "LOG.PROGRESS", "False", "OUTPUT_DIR", str(out)], timeout=600)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 10000
+    assert metrics["top1_err"] < 35.0, metrics

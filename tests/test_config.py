@@ -1,0 +1,89 @@
+"""The shared YAML config system: defaults in code, _BASE_ inheritance, KEY VALUE overrides, strict checks."""
+import os
+
+import pytest
+import yaml
+
+from mabn.config import CfgNode, ConfigError, load_config, one_of, optional
+
+
+def _defaults():
+    return CfgNode({
+        "OUTPUT_DIR": "runs/x",
+        "MODEL": {"NORM": one_of("bn", "brn", "mabn"), "NORM_BATCH_SIZE": optional(int), "NORM_OPTIONS": CfgNode({}, new_allowed=True)},
+        "SOLVER": {"BASE_LR": 0.1, "STEPS": [30, 60], "AMP": False, "EPOCHS": 120},
+    })
+
+
+def _write(path, values):
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_defaults_file_bases_and_overrides_compose(tmp_path):
+    base = _write(tmp_path / "base.yaml", {"SOLVER": {"BASE_LR": 0.2, "EPOCHS": 90}, "MODEL": {"NORM_OPTIONS": {"buffer_size": 16}}})
+    os.makedirs(tmp_path / "rows")
+    row = _write(tmp_path / "rows" / "row.yaml", {"_BASE_": "../base.yaml", "MODEL": {"NORM": "mabn", "NORM_BATCH_SIZE": 2, "NORM_OPTIONS": {"warmup_iters": 10}}})
+    cfg = load_config(_defaults(), row, ["SOLVER.BASE_LR", "1e-3", "OUTPUT_DIR", "runs/y", "SOLVER.STEPS", "[10, 20]"])
+    assert cfg.SOLVER.BASE_LR == 0.001 and cfg.SOLVER.EPOCHS == 90 and cfg.SOLVER.STEPS == [10, 20]
+    assert cfg.MODEL.NORM == "mabn" and cfg.MODEL.NORM_BATCH_SIZE == 2
+    assert dict(cfg.MODEL.NORM_OPTIONS) == {"buffer_size": 16, "warmup_iters": 10}
+    assert cfg.OUTPUT_DIR == "runs/y"
+    assert base  # the base file itself is untouched by loading
+    saved = tmp_path / "out" / "config.yaml"
+    cfg.save(str(saved))
+    assert yaml.safe_load(saved.read_text())["SOLVER"]["BASE_LR"] == 0.001
+    # the resolved config reloads to itself
+    assert load_config(_defaults(), str(saved)).to_dict() == cfg.to_dict()
+
+
+def test_defaults_are_not_shared_between_loads():
+    defaults = _defaults()
+    load_config(defaults, None, ["SOLVER.BASE_LR", "0.5"])
+    assert defaults.SOLVER.BASE_LR == 0.1
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["SOLVER.BASE_LRR", "0.1"], r"unknown config key 'SOLVER.BASE_LRR' in the command line \(did you mean 'SOLVER.BASE_LR'\?\)"),
+        (["SOLVR.BASE_LR", "0.1"], r"unknown config key 'SOLVR' in the command line \(did you mean 'SOLVER'\?\)"),
+        (["SOLVER.EPOCHS", "ten"], r"config key 'SOLVER.EPOCHS' in the command line expects an integer, got 'ten'"),
+        (["SOLVER.EPOCHS", "1.5"], r"'SOLVER.EPOCHS' in the command line expects an integer, got 1.5"),
+        (["SOLVER.AMP", "1"], r"'SOLVER.AMP' in the command line expects a boolean"),
+        (["SOLVER.STEPS", "[a, 2]"], r"'SOLVER.STEPS\[0\]' in the command line expects an integer"),
+        (["MODEL.NORM", "mabm"], r"'MODEL.NORM' in the command line: 'mabm' is not one of \['bn', 'brn', 'mabn'\] \(did you mean 'mabn'\?\)"),
+        (["MODEL.NORM_BATCH_SIZE", "two"], r"'MODEL.NORM_BATCH_SIZE' in the command line expects an integer"),
+        (["SOLVER.BASE_LR"], r"KEY VALUE pairs; 'SOLVER.BASE_LR' has no value"),
+        (["SOLVER", "3"], r"config key 'SOLVER' in the command line is a section"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_defaults(), None, overrides)
+
+
+def test_bad_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*absent.yaml"):
+        load_config(_defaults(), str(tmp_path / "absent.yaml"))
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("SOLVER: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(_defaults(), str(bad_yaml))
+    typo = _write(tmp_path / "typo.yaml", {"SOLVER": {"EPOCH": 3}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'SOLVER.EPOCH' in .*typo.yaml \(did you mean 'SOLVER.EPOCHS'\?\)"):
+        load_config(_defaults(), typo)
+    loop_a = _write(tmp_path / "a.yaml", {"_BASE_": "b.yaml"})
+    _write(tmp_path / "b.yaml", {"_BASE_": "a.yaml"})
+    with pytest.raises(ConfigError, match="inherits from itself"):
+        load_config(_defaults(), loop_a)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(_defaults(), str(listed))
+
+
+def test_frozen_config_refuses_writes():
+    cfg = load_config(_defaults(), None)
+    with pytest.raises(ConfigError, match="frozen"):
+        cfg.SOLVER.BASE_LR = 0.3
