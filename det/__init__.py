@@ -1,0 +1,1 @@
+"""COCO Mask R-CNN R50-FPN trainer on torchvision detection models (launched with torchrun: det/train.py)."""
