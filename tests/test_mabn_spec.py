@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from mabn import MABN2d
-from mabn.layers.normalize import group_normalize
+from mabn.layers.fused import FusedGroupNormalize
+from mabn.layers.normalize import GroupNormalize
 
 from spec_mabn import LoopMABN
 
@@ -25,13 +26,14 @@ def _scale_schedule(step):
     return 1.0 + 0.6 * torch.sin(torch.tensor(step / 9.0)).item()
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused"])
 @pytest.mark.parametrize("norm_batch_size,window,warmup,warmup_iters,renorm_warmup_iters", CASES)
-def test_matches_loop_reference_over_300_steps(norm_batch_size, window, warmup, warmup_iters, renorm_warmup_iters):
+def test_matches_loop_reference_over_300_steps(norm_batch_size, window, warmup, warmup_iters, renorm_warmup_iters, backend):
     torch.manual_seed(0)
     channels, steps, r_max, eps, momentum = 3, 310, 1.3, 1e-5, 0.9
     layer = MABN2d(
         channels, eps=eps, momentum=momentum, warmup_iters=warmup_iters, buffer_size=window,
-        norm_batch_size=norm_batch_size, renorm_warmup_iters=renorm_warmup_iters, r_max=r_max, warmup=warmup,
+        norm_batch_size=norm_batch_size, renorm_warmup_iters=renorm_warmup_iters, r_max=r_max, warmup=warmup, backend=backend,
     ).double()
     oracle = LoopMABN(
         channels, window, norm_batch_size, eps, momentum, layer.warmup_iters, layer.renorm_warmup_iters, r_max, warmup
@@ -60,7 +62,7 @@ def test_matches_loop_reference_over_300_steps(norm_batch_size, window, warmup, 
     assert oracle.t > layer.renorm_warmup_iters and oracle.n > window
 
 
-def _closed_form_case(centered, groups, r, d):
+def _closed_form_case(centered, groups, r, d, function):
     """A function of x alone whose custom backward is the spec's closed form; gradcheck compares it with
     finite differences of the forward, which recomputes the statistics from the perturbed input."""
 
@@ -72,25 +74,30 @@ def _closed_form_case(centered, groups, r, d):
             var = ((xg - mean[:, None, :, None, None]) ** 2).mean(dims)
         else:
             mean, var = None, (xg * xg).mean(dims)
-        return group_normalize(x, weight, bias, mean, (var + 1e-5).sqrt(), r, d, groups)
+        return function.apply(x, weight, bias, mean, (var + 1e-5).sqrt(), r, d, groups, None)
 
     return fn
 
 
+FUNCTIONS = pytest.mark.parametrize("function", [GroupNormalize, FusedGroupNormalize], ids=["reference", "fused"])
+
+
+@FUNCTIONS
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("with_r", [False, True])
-def test_gradcheck_reduced_statistics_closed_form(groups, with_r):
+def test_gradcheck_reduced_statistics_closed_form(groups, with_r, function):
     """MABN's backward with the batch statistic (no SMA) and constant r is the exact gradient."""
     torch.manual_seed(1)
     x = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     w = torch.rand(2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     r = (torch.rand(groups, 2, dtype=torch.float64) + 0.5) if with_r else None
-    assert torch.autograd.gradcheck(_closed_form_case(False, groups, r, None), (x, w, b))
+    assert torch.autograd.gradcheck(_closed_form_case(False, groups, r, None, function), (x, w, b))
 
 
+@FUNCTIONS
 @pytest.mark.parametrize("groups", [1, 2])
-def test_gradcheck_batch_renorm_closed_form(groups):
+def test_gradcheck_batch_renorm_closed_form(groups, function):
     """BRN: the BN gradient through mu_B, sigma_B with r and d held constant."""
     torch.manual_seed(2)
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -98,7 +105,7 @@ def test_gradcheck_batch_renorm_closed_form(groups):
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     r = torch.rand(groups, 2, dtype=torch.float64) + 0.5
     d = torch.randn(groups, 2, dtype=torch.float64)
-    assert torch.autograd.gradcheck(_closed_form_case(True, groups, r, d), (x, w, b))
+    assert torch.autograd.gradcheck(_closed_form_case(True, groups, r, d, function), (x, w, b))
 
 
 def test_module_backward_with_sma_and_renorm_against_closed_form():

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grouping import accumulation_dtype, group_moments, group_size, num_groups
+from .backends import check_backend, select
+from .grouping import accumulation_dtype, group_size, num_groups
 from .moving_averages import sequential_ema
-from .normalize import group_normalize
 
 
 def check_norm_batch_size(layer: str, norm_batch_size: Optional[int]) -> None:
@@ -33,12 +33,16 @@ class BatchNorm2d(nn.BatchNorm2d):
         track_running_stats: bool = True,
         *,
         norm_batch_size: Optional[int] = None,
+        backend: str = "auto",
         device=None,
         dtype=None,
     ):
+        """``backend`` implements the grouped mode (see :mod:`mabn.layers.backends`); without groups this is
+        ``nn.BatchNorm2d``'s own kernel."""
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         check_norm_batch_size(type(self).__name__, norm_batch_size)
         self.norm_batch_size = norm_batch_size
+        self.backend = check_backend(backend, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.shape[0] == 0:  # e.g. a head that received no RoI: leave every buffer alone
@@ -47,11 +51,12 @@ class BatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self._check_input_dim(x)
         groups = num_groups(type(self).__name__, x.shape[0], self.norm_batch_size)
+        kernels = select(self.backend, x.device)
         with torch.no_grad():
-            mean, var = group_moments(x, groups, centered=True, dtype=accumulation_dtype(x.dtype))
+            mean, var = kernels.moments(x, groups, True, accumulation_dtype(x.dtype))
             if self.track_running_stats:
                 self._update_running_stats(mean, var, group_size(x, groups))
-        return group_normalize(x, self.weight, self.bias, mean, (var + self.eps).sqrt(), groups=groups)
+        return kernels.normalize(x, self.weight, self.bias, mean, (var + self.eps).sqrt(), None, None, groups, None)
 
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         groups = mean.shape[0]

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import check_backend, select
 from .batch_norm import check_norm_batch_size
-from .grouping import accumulation_dtype, group_moments, num_groups
+from .grouping import accumulation_dtype, num_groups
 from .moving_averages import sequential_ema
-from .normalize import group_normalize
 
 
 def _ramp(step: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -42,13 +42,16 @@ class BatchRenorm2d(nn.Module):
         r_max_steps: int = 40000,
         d_max_steps: int = 25000,
         norm_batch_size: Optional[int] = None,
+        backend: str = "auto",
         device=None,
         dtype=None,
     ):
-        """``momentum``: update rate of the running averages (``nn.BatchNorm2d`` convention; Ioffe's alpha)."""
+        """``momentum``: update rate of the running averages (``nn.BatchNorm2d`` convention; Ioffe's alpha).
+        ``backend``: see :mod:`mabn.layers.backends`."""
         super().__init__()
         name = type(self).__name__
         check_norm_batch_size(name, norm_batch_size)
+        self.backend = check_backend(backend, name)
         if r_max < 1 or d_max < 0:
             raise ValueError(f"{name}: need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
         if not 0.0 < momentum <= 1.0:
@@ -85,8 +88,9 @@ class BatchRenorm2d(nn.Module):
         if not self.training or x.shape[0] == 0:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         groups = num_groups(name, x.shape[0], self.norm_batch_size)
+        kernels = select(self.backend, x.device)
         with torch.no_grad():
-            mean, var = group_moments(x, groups, centered=True, dtype=accumulation_dtype(x.dtype))
+            mean, var = kernels.moments(x, groups, True, accumulation_dtype(x.dtype))
             std = (var + self.eps).sqrt()
             step = self.num_batches_tracked + 1
             keep = 1.0 - self.momentum
@@ -99,7 +103,7 @@ class BatchRenorm2d(nn.Module):
             self.running_mean.copy_(mean_after)
             self.running_var.copy_(var_after)
             self.num_batches_tracked.copy_(step)
-        return group_normalize(x, self.weight, self.bias, mean, std, r, d, groups)
+        return kernels.normalize(x, self.weight, self.bias, mean, std, r, d, groups, None)
 
     def extra_repr(self) -> str:
         return (

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grouping import group_moments, num_groups
+from .backends import check_backend, select
+from .grouping import num_groups
 from .moving_averages import sequential_ema, sliding_window_mean
-from .normalize import group_normalize
 
 WARMUPS = ("formal", "classification")
 
@@ -84,6 +84,7 @@ class _MovingAverageBatchNorm(nn.Module):
         reduced_stats: bool = True,
         renorm: bool = True,
         affine: bool = True,
+        backend: str = "auto",
         device=None,
         dtype=None,
     ):
@@ -114,6 +115,8 @@ class _MovingAverageBatchNorm(nn.Module):
                 statistics (mean and variance forward, g and Psi backward), each tracked like chi^2 / Psi.
             renorm: apply the renormalization factor r (ablation).
             affine: learnable per-channel gamma (``weight``) and beta (``bias``).
+            backend: 'auto' (fused kernels where torch.compile works), 'fused' or 'reference' (the spec's
+                formulas one operation at a time, the oracle of the tests); see :mod:`mabn.layers.backends`.
         """
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -150,6 +153,7 @@ class _MovingAverageBatchNorm(nn.Module):
         if warmup_iters < 0 or renorm_warmup_iters < 0:
             raise ValueError(f"{name}: warm-up lengths must be non-negative")
 
+        self.backend = check_backend(backend, name)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -203,17 +207,18 @@ class _MovingAverageBatchNorm(nn.Module):
             # e.g. a mask head that received no RoI: nothing to normalize, nothing to learn from.
             return self._inference(x)
         groups = num_groups(type(self).__name__, x.shape[0], self.norm_batch_size)
+        kernels = select(self.backend, x.device)
         if _recomputing_in_backward():
             plan = self._replay(groups)
         else:
             self._check_no_pending_backward()
             with torch.no_grad():
-                mean_t, var_t = group_moments(x, groups, centered=not self.reduced_stats, dtype=self.running_var.dtype)
+                mean_t, var_t = kernels.moments(x, groups, not self.reduced_stats, self.running_var.dtype)
                 plan = self._advance(mean_t, var_t)
             self._last_plan = plan
         token = _BackwardToken()
         grad_statistics = functools.partial(self._backward_statistics, plan.backward_sma, token)
-        y = group_normalize(x, self.weight, self.bias, plan.mean, plan.std, plan.r, None, groups, grad_statistics)
+        y = kernels.normalize(x, self.weight, self.bias, plan.mean, plan.std, plan.r, None, groups, grad_statistics)
         if y.requires_grad:
             self._pending = weakref.ref(token)
         return y

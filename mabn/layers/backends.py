@@ -1,0 +1,72 @@
+"""Which implementation of the normalization step a layer runs: the reference or the fused one.
+
+Both compute the same numbers (``tests/test_fused.py``). ``'reference'`` is the spec written out, kept as
+the oracle; ``'fused'`` is :mod:`mabn.layers.fused`; ``'auto'`` (the default of every layer) is fused
+wherever ``torch.compile`` works on the input's device, else the reference with a warning. The
+environment variable ``MABN_BACKEND`` overrides ``'auto'`` for a whole process.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import fused, grouping, normalize
+
+BACKENDS = ("auto", "reference", "fused")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    moments: Callable  # (x, groups, centered, dtype) -> (mean or None, var), (G, C) each
+    normalize: Callable  # autograd Function .apply(x, weight, bias, mean, std, r, d, groups, grad_statistics)
+
+
+REFERENCE = Backend("reference", grouping.group_moments, normalize.GroupNormalize.apply)
+FUSED = Backend("fused", fused.group_moments, fused.FusedGroupNormalize.apply)
+
+_fused_works: dict[str, bool] = {}
+
+
+def check_backend(name: str, layer: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{layer}: backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _probe(device: torch.device) -> bool:
+    """Compile and run the fused kernels once on a tiny input of ``device``'s type; False if that fails."""
+    key = device.type
+    if key not in _fused_works:
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                _run_probe(device)
+            _fused_works[key] = True
+        except Exception as e:  # no C++ compiler, no Triton, an unsupported device...
+            warnings.warn(f"mabn: fused kernels unavailable on {key} ({type(e).__name__}: {e}); using the reference path")
+            _fused_works[key] = False
+    return _fused_works[key]
+
+
+def _run_probe(device: torch.device) -> None:
+    x = torch.randn(4, 3, 5, 5, device=device, requires_grad=True)
+    for centered in (False, True):
+        mean, var = fused.group_moments(x.detach(), 2, centered, torch.float32)
+        y = FUSED.normalize(x, None, None, mean, (var + 1e-5).sqrt(), None, None, 2, None)
+        y.sum().backward()
+
+
+def select(name: str, device: torch.device) -> Backend:
+    if name == "auto":
+        name = os.environ.get("MABN_BACKEND", "auto")
+        if name not in BACKENDS:
+            raise ValueError(f"environment variable MABN_BACKEND must be one of {BACKENDS}, got {name!r}")
+    if name == "reference":
+        return REFERENCE
+    if name == "fused" or _probe(device):
+        return FUSED
+    return REFERENCE

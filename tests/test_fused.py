@@ -1,0 +1,136 @@
+"""The fused kernels against the reference path: same outputs, gradients and buffers, step after step."""
+import copy
+
+import pytest
+import torch
+
+from mabn import BatchNorm2d, BatchRenorm2d, MABN1d, MABN2d, MABN3d
+from mabn.layers import backends
+
+MABN_CASES = {
+    "formal-b=N": lambda backend: MABN2d(8, buffer_size=3, warmup_iters=2, renorm_warmup_iters=3, r_max=1.5, backend=backend),
+    "formal-b=2": lambda backend: MABN2d(8, buffer_size=5, warmup_iters=2, renorm_warmup_iters=3, norm_batch_size=2, backend=backend),
+    "classification-b=1": lambda backend: MABN2d(8, buffer_size=6, warmup="classification", renorm_warmup_iters=2, norm_batch_size=1, backend=backend),
+    "full-statistics-b=2": lambda backend: MABN2d(8, buffer_size=3, warmup_iters=2, renorm_warmup_iters=3, norm_batch_size=2, reduced_stats=False, backend=backend),
+    "no-sma-no-renorm": lambda backend: MABN2d(8, forward_sma=False, backward_sma=False, renorm=False, backend=backend),
+    "bn-b=2": lambda backend: BatchNorm2d(8, norm_batch_size=2, backend=backend),
+    "brn-b=2": lambda backend: BatchRenorm2d(8, warmup_steps=1, r_max_steps=3, d_max_steps=3, norm_batch_size=2, backend=backend),
+    "mabn1d": lambda backend: MABN1d(8, buffer_size=3, warmup_iters=2, renorm_warmup_iters=3, norm_batch_size=2, backend=backend),
+    "mabn3d": lambda backend: MABN3d(8, buffer_size=3, warmup_iters=2, renorm_warmup_iters=3, norm_batch_size=2, backend=backend),
+}
+SHAPES = {"mabn1d": (8, 8, 7), "mabn3d": (8, 8, 3, 4, 5)}
+
+
+def _close(actual, expected, rtol, msg):
+    """Relative to the tensor's scale: a sum that happens to be near zero has no relative precision of its own."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=msg)
+
+
+def _compare(make, shape, steps=7, dtype=torch.float32, memory_format=torch.contiguous_format, rtol=1e-5):
+    torch.manual_seed(0)
+    reference, fused = make("reference").to(dtype), make("fused").to(dtype)
+    fused.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        for layer in (reference, fused):
+            if getattr(layer, "weight", None) is not None:
+                layer.weight.copy_(torch.linspace(0.5, 1.5, layer.weight.numel()))
+                layer.bias.copy_(torch.linspace(-0.3, 0.3, layer.bias.numel()))
+    for step in range(steps):
+        x = (torch.randn(shape, dtype=dtype) * (1 + 0.2 * step) + 0.3).contiguous(memory_format=memory_format)
+        dy = torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format)
+        outs = []
+        for layer in (reference, fused):
+            layer.zero_grad()
+            xi = x.clone().requires_grad_()
+            y = layer(xi)
+            y.backward(dy)
+            outs.append((y, xi.grad, layer.weight.grad, layer.bias.grad))
+        for name, a, b in zip(("y", "dx", "dgamma", "dbeta"), *outs):
+            _close(b, a, rtol, msg=lambda m: f"step {step}: {name}: {m}")
+        for (name, a), b in zip(reference.state_dict().items(), fused.state_dict().values()):
+            if a.is_floating_point():
+                _close(b, a, rtol, msg=lambda m: f"step {step}: buffer {name}: {m}")
+            else:
+                assert torch.equal(a, b), f"step {step}: buffer {name}"
+    return outs
+
+
+@pytest.mark.parametrize("case", list(MABN_CASES))
+def test_fused_equals_reference_float32(case):
+    _compare(MABN_CASES[case], SHAPES.get(case, (8, 8, 6, 5)))
+
+
+@pytest.mark.parametrize("case", ["formal-b=2", "full-statistics-b=2", "brn-b=2"])
+def test_fused_equals_reference_float64(case):
+    _compare(MABN_CASES[case], (8, 8, 6, 5), dtype=torch.float64, rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["formal-b=2", "bn-b=2"])
+def test_fused_channels_last(case):
+    y, dx, _, _ = _compare(MABN_CASES[case], (8, 8, 6, 5), memory_format=torch.channels_last)[1]
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_under_bf16_autocast_matches_reference():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    layers = {name: MABN2d(8, buffer_size=2, warmup_iters=1, renorm_warmup_iters=1, norm_batch_size=2, backend=name) for name in ("reference", "fused")}
+    x = torch.randn(4, 3, 6, 6)
+    outputs = {}
+    for name, layer in layers.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = conv(x)
+            y = layer(h)
+        assert y.dtype == torch.bfloat16 and layer.running_var.dtype == torch.float32
+        outputs[name] = y.float()
+    torch.testing.assert_close(outputs["fused"], outputs["reference"], rtol=1e-2, atol=1e-2)
+
+
+def test_fused_path_never_synchronizes_with_the_host(monkeypatch):
+    """No .item() / bool() / tolist() on tensors in the training forward and backward (compiled kernels warm)."""
+    layer = MABN2d(8, buffer_size=3, warmup_iters=1, renorm_warmup_iters=1, norm_batch_size=2, backend="fused")
+    warm = torch.randn(8, 8, 5, 5, requires_grad=True)
+    layer(warm).sum().backward()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronization in the MABN hot path")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for _ in range(3):
+        layer(torch.randn(8, 8, 5, 5, requires_grad=True)).sum().backward()
+    monkeypatch.undo()
+    assert layer.num_steps.item() == 4
+
+
+def test_backend_selection_and_errors(monkeypatch):
+    assert backends.select("reference", torch.device("cpu")) is backends.REFERENCE
+    assert backends.select("fused", torch.device("cpu")) is backends.FUSED
+    monkeypatch.setenv("MABN_BACKEND", "reference")
+    assert backends.select("auto", torch.device("cpu")) is backends.REFERENCE
+    monkeypatch.setenv("MABN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="MABN_BACKEND must be one of"):
+        backends.select("auto", torch.device("cpu"))
+    with pytest.raises(ValueError, match="MABN2d: backend must be one of"):
+        MABN2d(4, backend="triton")
+
+
+def test_fused_falls_back_to_reference_when_compilation_fails(monkeypatch):
+    monkeypatch.setitem(backends._fused_works, "meta", None)
+    backends._fused_works.pop("meta")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(backends, "_run_probe", broken)
+    with pytest.warns(UserWarning, match="fused kernels unavailable on meta"):
+        assert backends.select("auto", torch.device("meta")) is backends.REFERENCE
+    backends._fused_works.pop("meta")
+
+
+def test_deepcopy_of_a_fused_layer_keeps_working():
+    layer = MABN2d(4, norm_batch_size=2, backend="fused")
+    clone = copy.deepcopy(layer)
+    clone(torch.randn(4, 4, 3, 3, requires_grad=True)).sum().backward()
