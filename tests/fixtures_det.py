@@ -1,6 +1,7 @@
 """Helpers for the detection data tests: hand-written COCO files and ground truth turned into predictions."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 
@@ -48,7 +49,8 @@ def write_coco(root, annotations: list[dict], num_images: int = 1, categories=({
 def as_prediction(target: dict) -> dict:
     """A target as torchvision Mask R-CNN would predict it, with full confidence."""
     masks = target["masks"].float()[:, None]  # (K, 1, H, W) probabilities
-    return {"boxes": target["boxes"].clone(), "labels": target["labels"].clone(), "scores": torch.ones(len(target["boxes"])), "masks": masks}
+    scores = torch.ones(len(target["boxes"]))
+    return {"boxes": target["boxes"].clone(), "labels": target["labels"].clone(), "scores": scores, "masks": masks}
 
 
 def ground_truth_predictions(dataset) -> dict[int, dict]:
@@ -57,7 +59,8 @@ def ground_truth_predictions(dataset) -> dict[int, dict]:
     for idx in range(len(dataset)):
         _, target = dataset[idx]
         keep = target["iscrowd"] == 0
-        predictions[int(target["image_id"])] = as_prediction({k: v[keep] for k, v in target.items() if k in ("boxes", "labels", "masks")})
+        objects = {k: target[k][keep] for k in ("boxes", "labels", "masks")}
+        predictions[int(target["image_id"])] = as_prediction(objects)
     return predictions
 
 
@@ -75,9 +78,12 @@ def evaluate_on_two_ranks(rank: int, world_size: int, init_file: str, shapes_roo
     from det.coco import CocoDetection
     from det.evaluation import CocoEvaluator
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    # A short timeout turns a collective that never completes into a failure instead of a hung test run.
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timeout)
     try:
-        dataset = CocoDetection(os.path.join(shapes_root, "val2017"), os.path.join(shapes_root, "annotations", "instances_val2017.json"), train=False)
+        annotation_file = os.path.join(shapes_root, "annotations", "instances_val2017.json")
+        dataset = CocoDetection(os.path.join(shapes_root, "val2017"), annotation_file, train=False)
         predictions = ground_truth_predictions(dataset)
         image_ids = sorted(predictions)
         half = len(image_ids) // 2
