@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from mabn import MABN2d
-from mabn.layers.fused import FusedGroupNormalize
-from mabn.layers.normalize import GroupNormalize
+from mabn.layers import backends
+from mabn.layers.estimators import BatchStatistics, Plan
+from mabn.layers.normalize import train_step
 
 from spec_mabn import LoopMABN
 
@@ -62,7 +63,7 @@ def test_matches_loop_reference_over_300_steps(norm_batch_size, window, warmup, 
     assert oracle.t > layer.renorm_warmup_iters and oracle.n > window
 
 
-def _closed_form_case(centered, groups, r, d, function):
+def _closed_form_case(centered, groups, r, d, backend):
     """A function of x alone whose custom backward is the spec's closed form; gradcheck compares it with
     finite differences of the forward, which recomputes the statistics from the perturbed input."""
 
@@ -74,30 +75,32 @@ def _closed_form_case(centered, groups, r, d, function):
             var = ((xg - mean[:, None, :, None, None]) ** 2).mean(dims)
         else:
             mean, var = None, (xg * xg).mean(dims)
-        return function.apply(x, weight, bias, mean, (var + 1e-5).sqrt(), r, d, groups, None)
+        plan = Plan(mean, (var + 1e-5).sqrt(), r, d)  # a fixed plan: the step applies it and its backward
+        state = BatchStatistics.State(None, None, None)
+        return train_step(x, weight, bias, backend, BatchStatistics, state, BatchStatistics.Config(1e-5, None), groups, plan)[0]
 
     return fn
 
 
-FUNCTIONS = pytest.mark.parametrize("function", [GroupNormalize, FusedGroupNormalize], ids=["reference", "fused"])
+FUNCTIONS = pytest.mark.parametrize("backend", [backends.REFERENCE, backends.FUSED], ids=["reference", "fused"])
 
 
 @FUNCTIONS
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("with_r", [False, True])
-def test_gradcheck_reduced_statistics_closed_form(groups, with_r, function):
+def test_gradcheck_reduced_statistics_closed_form(groups, with_r, backend):
     """MABN's backward with the batch statistic (no SMA) and constant r is the exact gradient."""
     torch.manual_seed(1)
     x = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     w = torch.rand(2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     r = (torch.rand(groups, 2, dtype=torch.float64) + 0.5) if with_r else None
-    assert torch.autograd.gradcheck(_closed_form_case(False, groups, r, None, function), (x, w, b))
+    assert torch.autograd.gradcheck(_closed_form_case(False, groups, r, None, backend), (x, w, b))
 
 
 @FUNCTIONS
 @pytest.mark.parametrize("groups", [1, 2])
-def test_gradcheck_batch_renorm_closed_form(groups, function):
+def test_gradcheck_batch_renorm_closed_form(groups, backend):
     """BRN: the BN gradient through mu_B, sigma_B with r and d held constant."""
     torch.manual_seed(2)
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -105,7 +108,7 @@ def test_gradcheck_batch_renorm_closed_form(groups, function):
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     r = torch.rand(groups, 2, dtype=torch.float64) + 0.5
     d = torch.randn(groups, 2, dtype=torch.float64)
-    assert torch.autograd.gradcheck(_closed_form_case(True, groups, r, d, function), (x, w, b))
+    assert torch.autograd.gradcheck(_closed_form_case(True, groups, r, d, backend), (x, w, b))
 
 
 def test_module_backward_with_sma_and_renorm_against_closed_form():

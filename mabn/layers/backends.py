@@ -1,4 +1,4 @@
-"""Which implementation of the normalization step a layer runs: the reference or the fused one.
+"""Which implementation of the training step a layer runs: the reference or the fused one.
 
 Both compute the same numbers (``tests/test_fused.py``). ``'reference'`` is the spec written out, kept as
 the oracle; ``'fused'`` is :mod:`mabn.layers.fused`; ``'auto'`` (the default of every layer) is fused
@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from . import fused, grouping, normalize
+from . import fused, normalize
+from .estimators import BatchStatistics
 
 BACKENDS = ("auto", "reference", "fused")
 
@@ -22,12 +23,13 @@ BACKENDS = ("auto", "reference", "fused")
 @dataclass(frozen=True)
 class Backend:
     name: str
-    moments: Callable  # (x, groups, centered, dtype) -> (mean or None, var), (G, C) each
-    normalize: Callable  # autograd Function .apply(x, weight, bias, mean, std, r, d, groups, grad_statistics)
+    forward: Callable  # (estimator, x, weight, bias, state, cfg, groups) -> (y, plan)
+    apply: Callable  # (x, weight, bias, plan, groups) -> y
+    backward: Callable  # (estimator, dy, x, weight, plan, state, cfg, groups, needs_grad, bias_dtype) -> (dx, dw, db)
 
 
-REFERENCE = Backend("reference", grouping.group_moments, normalize.GroupNormalize.apply)
-FUSED = Backend("fused", fused.group_moments, fused.FusedGroupNormalize.apply)
+REFERENCE = Backend("reference", normalize.reference_forward, normalize.reference_apply, normalize.reference_backward)
+FUSED = Backend("fused", fused.forward, fused.apply, fused.backward)
 
 _fused_works: dict[str, bool] = {}
 
@@ -38,8 +40,15 @@ def check_backend(name: str, layer: str) -> str:
     return name
 
 
+def _run_probe(device: torch.device) -> None:
+    x = torch.randn(4, 3, 5, 5, device=device, requires_grad=True)
+    state = BatchStatistics.State(None, None, None)
+    y, _ = normalize.train_step(x, None, None, FUSED, BatchStatistics, state, BatchStatistics.Config(1e-5, 0.1), 2)
+    y.sum().backward()
+
+
 def _probe(device: torch.device) -> bool:
-    """Compile and run the fused kernels once on a tiny input of ``device``'s type; False if that fails."""
+    """Compile and run the fused step once on a tiny input of ``device``'s type; False if that fails."""
     key = device.type
     if key not in _fused_works:
         try:
@@ -50,14 +59,6 @@ def _probe(device: torch.device) -> bool:
             warnings.warn(f"mabn: fused kernels unavailable on {key} ({type(e).__name__}: {e}); using the reference path")
             _fused_works[key] = False
     return _fused_works[key]
-
-
-def _run_probe(device: torch.device) -> None:
-    x = torch.randn(4, 3, 5, 5, device=device, requires_grad=True)
-    for centered in (False, True):
-        mean, var = fused.group_moments(x.detach(), 2, centered, torch.float32)
-        y = FUSED.normalize(x, None, None, mean, (var + 1e-5).sqrt(), None, None, 2, None)
-        y.sum().backward()
 
 
 def select(name: str, device: torch.device) -> Backend:

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import check_backend, select
-from .grouping import accumulation_dtype, group_size, num_groups
-from .moving_averages import sequential_ema
+from .estimators import BatchStatistics
+from .grouping import num_groups
+from .normalize import train_step
 
 
 def check_norm_batch_size(layer: str, norm_batch_size: Optional[int]) -> None:
@@ -51,25 +52,10 @@ class BatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self._check_input_dim(x)
         groups = num_groups(type(self).__name__, x.shape[0], self.norm_batch_size)
-        kernels = select(self.backend, x.device)
-        with torch.no_grad():
-            mean, var = kernels.moments(x, groups, True, accumulation_dtype(x.dtype))
-            if self.track_running_stats:
-                self._update_running_stats(mean, var, group_size(x, groups))
-        return kernels.normalize(x, self.weight, self.bias, mean, (var + self.eps).sqrt(), None, None, groups, None)
-
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        groups = mean.shape[0]
-        unbiased = var * (count / max(count - 1, 1))
-        mean, unbiased = mean.to(self.running_mean.dtype), unbiased.to(self.running_var.dtype)
-        if self.momentum is None:  # cumulative average over every normalization batch seen, as nn.BatchNorm2d
-            seen = self.num_batches_tracked.to(mean.dtype)
-            self.running_mean.copy_((self.running_mean * seen + mean.sum(0)) / (seen + groups))
-            self.running_var.copy_((self.running_var * seen + unbiased.sum(0)) / (seen + groups))
-        else:
-            self.running_mean.copy_(sequential_ema(self.running_mean, mean, 1 - self.momentum)[1])
-            self.running_var.copy_(sequential_ema(self.running_var, unbiased, 1 - self.momentum)[1])
-        self.num_batches_tracked.add_(groups)
+        state = BatchStatistics.State(self.running_mean, self.running_var, self.num_batches_tracked)
+        y, _ = train_step(x, self.weight, self.bias, select(self.backend, x.device), BatchStatistics, state,
+                          BatchStatistics.Config(self.eps, self.momentum), groups)
+        return y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", norm_batch_size={self.norm_batch_size}"

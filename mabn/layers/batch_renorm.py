@@ -17,15 +17,9 @@ from torch import nn
 
 from .backends import check_backend, select
 from .batch_norm import check_norm_batch_size
-from .grouping import accumulation_dtype, num_groups
-from .moving_averages import sequential_ema
-
-
-def _ramp(step: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """0 until ``start``, then linear to 1 at ``end``."""
-    if end <= start:
-        return (step > start).to(torch.float64)
-    return ((step.to(torch.float64) - start) / (end - start)).clamp(0.0, 1.0)
+from .estimators import RenormStatistics
+from .grouping import num_groups
+from .normalize import train_step
 
 
 class BatchRenorm2d(nn.Module):
@@ -75,11 +69,14 @@ class BatchRenorm2d(nn.Module):
         # Training steps (forward calls), which drive the r_max / d_max schedule.
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
 
+    def _config(self) -> RenormStatistics.Config:
+        return RenormStatistics.Config(
+            self.eps, self.momentum, self.r_max, self.d_max, self.warmup_steps, self.r_max_steps, self.d_max_steps
+        )
+
     def limits(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r_max, d_max)`` in force at training step ``step`` (1-based)."""
-        r_lim = 1.0 + (self.r_max - 1.0) * _ramp(step, self.warmup_steps, self.r_max_steps)
-        d_lim = self.d_max * _ramp(step, self.warmup_steps, self.d_max_steps)
-        return r_lim, d_lim
+        return RenormStatistics.limits(step, self._config())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -88,22 +85,9 @@ class BatchRenorm2d(nn.Module):
         if not self.training or x.shape[0] == 0:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         groups = num_groups(name, x.shape[0], self.norm_batch_size)
-        kernels = select(self.backend, x.device)
-        with torch.no_grad():
-            mean, var = kernels.moments(x, groups, True, accumulation_dtype(x.dtype))
-            std = (var + self.eps).sqrt()
-            step = self.num_batches_tracked + 1
-            keep = 1.0 - self.momentum
-            mean_seen, mean_after = sequential_ema(self.running_mean, mean, keep)
-            var_seen, var_after = sequential_ema(self.running_var, var, keep)
-            sigma = (var_seen.to(std.dtype) + self.eps).sqrt()
-            r_lim, d_lim = (v.to(std.dtype) for v in self.limits(step))
-            r = torch.minimum(torch.maximum(std / sigma, 1.0 / r_lim), r_lim)
-            d = torch.minimum(torch.maximum((mean - mean_seen.to(std.dtype)) / sigma, -d_lim), d_lim)
-            self.running_mean.copy_(mean_after)
-            self.running_var.copy_(var_after)
-            self.num_batches_tracked.copy_(step)
-        return kernels.normalize(x, self.weight, self.bias, mean, std, r, d, groups, None)
+        state = RenormStatistics.State(self.running_mean, self.running_var, self.num_batches_tracked)
+        y, _ = train_step(x, self.weight, self.bias, select(self.backend, x.device), RenormStatistics, state, self._config(), groups)
+        return y
 
     def extra_repr(self) -> str:
         return (

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import weakref
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,21 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import check_backend, select
+from .estimators import MovingAverageStatistics, Plan
 from .grouping import num_groups
-from .moving_averages import sequential_ema, sliding_window_mean
+from .normalize import train_step
 
 WARMUPS = ("formal", "classification")
-
-
-@dataclass
-class _Plan:
-    """What one training forward decided; kept so that a checkpointed recomputation replays it."""
-
-    groups: int
-    mean: Optional[torch.Tensor]  # (G, C) centre, None for reduced statistics
-    std: torch.Tensor  # (G, C) sqrt(second moment + eps)
-    r: Optional[torch.Tensor]  # (G, C) renormalization, None when renorm is off
-    backward_sma: torch.Tensor  # (G,) bool: use the SMA of Psi (and g) for this group
 
 
 class _BackwardToken:
@@ -188,7 +177,7 @@ class _MovingAverageBatchNorm(nn.Module):
         self.register_buffer("window_psi", torch.zeros(buffer_size, num_features, **factory))
         self.register_buffer("window_grad_mean", torch.zeros(buffer_size, num_features, **factory) if full else None)
 
-        self._last_plan: Optional[_Plan] = None
+        self._last_plan: Optional[tuple[int, Plan]] = None
         self._pending: Optional[weakref.ref] = None
 
     def __getstate__(self):
@@ -207,21 +196,32 @@ class _MovingAverageBatchNorm(nn.Module):
             # e.g. a mask head that received no RoI: nothing to normalize, nothing to learn from.
             return self._inference(x)
         groups = num_groups(type(self).__name__, x.shape[0], self.norm_batch_size)
-        kernels = select(self.backend, x.device)
+        plan = None
         if _recomputing_in_backward():
-            plan = self._replay(groups)
+            plan = self._replay(groups)  # same statistics as the original forward, no state update
         else:
             self._check_no_pending_backward()
-            with torch.no_grad():
-                mean_t, var_t = kernels.moments(x, groups, not self.reduced_stats, self.running_var.dtype)
-                plan = self._advance(mean_t, var_t)
-            self._last_plan = plan
         token = _BackwardToken()
-        grad_statistics = functools.partial(self._backward_statistics, plan.backward_sma, token)
-        y = kernels.normalize(x, self.weight, self.bias, plan.mean, plan.std, plan.r, None, groups, grad_statistics)
+        y, plan = train_step(
+            x, self.weight, self.bias, select(self.backend, x.device), MovingAverageStatistics, self._state(),
+            self._config(), groups, plan, functools.partial(self._on_backward, token),
+        )
+        self._last_plan = (groups, plan)
         if y.requires_grad:
             self._pending = weakref.ref(token)
         return y
+
+    def _state(self) -> MovingAverageStatistics.State:
+        return MovingAverageStatistics.State(
+            self.running_var, self.running_mean, self.num_steps, self.num_norm_batches,
+            self.window_var, self.window_mean, self.window_psi, self.window_grad_mean,
+        )
+
+    def _config(self) -> MovingAverageStatistics.Config:
+        return MovingAverageStatistics.Config(
+            self.eps, self.momentum, self.buffer_size, self.warmup, self.warmup_iters, self.renorm_warmup_iters,
+            self.r_max, self.forward_sma, self.backward_sma, self.reduced_stats, self.renorm,
+        )
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
         mean = self.running_mean if self.running_mean is not None else torch.zeros_like(self.running_var)
@@ -244,81 +244,22 @@ class _MovingAverageBatchNorm(nn.Module):
                 "extra forward in eval mode or under torch.no_grad()."
             )
 
-    def _replay(self, groups: int) -> _Plan:
-        plan = self._last_plan
-        if plan is None or plan.groups != groups:
+    def _replay(self, groups: int) -> Plan:
+        if self._last_plan is None or self._last_plan[0] != groups:
             raise RuntimeError(
                 f"{type(self).__name__}: forward recomputed during backward (activation checkpointing) without a "
                 "matching earlier forward of this layer"
             )
-        return plan
+        return self._last_plan[1]
 
-    @torch.no_grad()
-    def _advance(self, mean_t: Optional[torch.Tensor], var_t: torch.Tensor) -> _Plan:
-        """Push this step's per-group statistics, update every forward buffer, return what to normalize with."""
-        groups = var_t.shape[0]
-        step = self.num_steps + 1
-        batch_index = self.num_norm_batches + torch.arange(1, groups + 1, device=step.device)
-        use_sma = step >= self.warmup_iters
-        if self.warmup == "formal":
-            use_sma = use_sma & (batch_index > self.buffer_size)
-        else:
-            use_sma = use_sma.expand(groups)
-
-        var_bar = self._forward_average(self.window_var, var_t, use_sma)
-        mean_bar = None if mean_t is None else self._forward_average(self.window_mean, mean_t, use_sma)
-
-        var_seen = self._update_ema(self.running_var, var_bar, step)
-        if mean_bar is not None:
-            self._update_ema(self.running_mean, mean_bar, step)
-
-        std = (var_bar + self.eps).sqrt()
-        r = None
-        if self.renorm:
-            r = (std / (var_seen + self.eps).sqrt()).clamp(1.0 / self.r_max, self.r_max)
-            r = torch.where(step > self.renorm_warmup_iters, r, torch.ones_like(r))
-        self.num_steps.copy_(step)
-        self.num_norm_batches.add_(groups)
-        return _Plan(groups, mean_bar, std, r, use_sma if self.backward_sma else torch.zeros_like(use_sma))
-
-    def _forward_average(self, window: torch.Tensor, values: torch.Tensor, use_sma: torch.Tensor) -> torch.Tensor:
-        means, new_window = sliding_window_mean(window, values)
-        window.copy_(new_window)
-        if not self.forward_sma:
-            return values
-        return torch.where(use_sma[:, None], means, values)
-
-    def _update_ema(self, average: torch.Tensor, values: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """Fold this step's statistics into the inference EMA; return the EMA each group's r is computed from."""
-        if self.warmup == "formal":
-            seen, after = sequential_ema(average, values, self.momentum)
-        else:
-            seen = average.expand_as(values)
-            step_mean = values.mean(0)
-            seeded = torch.where(step == 1, step_mean, average)
-            after = self.momentum * seeded + (1 - self.momentum) * step_mean
-        seen = seen.clone()  # `average` is overwritten below
-        average.copy_(after)
-        return seen
-
-    # ----------------------------------------------------------------- backward
-    @torch.no_grad()
-    def _backward_statistics(self, use_sma: torch.Tensor, token: _BackwardToken, grad_mean, psi):
-        """Called once by the backward of the forward that created ``token``: push Psi (and g), return the SMA."""
+    def _on_backward(self, token: _BackwardToken) -> None:
+        """First thing in the backward of the forward that created ``token``: it may push Psi only once."""
         if token.done:
             raise RuntimeError(
                 f"{type(self).__name__}: backward ran twice through the same forward (retain_graph=True); "
                 "it would push its Psi into the SMA window twice"
             )
         token.done = True
-        psi_bar = self._backward_average(self.window_psi, psi, use_sma)
-        grad_bar = None if grad_mean is None else self._backward_average(self.window_grad_mean, grad_mean, use_sma)
-        return grad_bar, psi_bar
-
-    def _backward_average(self, window: torch.Tensor, values: torch.Tensor, use_sma: torch.Tensor) -> torch.Tensor:
-        means, new_window = sliding_window_mean(window, values)
-        window.copy_(new_window)
-        return torch.where(use_sma[:, None], means.to(values.dtype), values)
 
     def extra_repr(self) -> str:
         text = (
