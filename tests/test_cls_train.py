@@ -42,7 +42,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(args, launcher=("python",), timeout=300, check=True):
+def run(args, launcher=("python",), timeout=300, check=True, backend=None):
     if launcher[0] == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN, *args]
     elif launcher[0] == "launch":
@@ -50,6 +50,8 @@ def run(args, launcher=("python",), timeout=300, check=True):
     else:
         cmd = [sys.executable, TRAIN, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if backend:
+        env["MABN_BACKEND"] = backend
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -65,14 +67,16 @@ def data(tmp_path_factory):
                                         ("mabn", ["MODEL.NORM_BATCH_SIZE", "2", "MODEL.CENTERED_CONVS", "True"])])
 def test_torchrun_two_processes_then_test_only(data, tmp_path, norm, extra):
     out = tmp_path / norm
-    run(tiny_args(data, out, "MODEL.NORM", norm, *extra), launcher=("torchrun",))
+    # MABN runs the default (fused, compiled) path under DDP; the other norms the reference one (conftest.py)
+    backend = "auto" if norm == "mabn" else None
+    run(tiny_args(data, out, "MODEL.NORM", norm, *extra), launcher=("torchrun",), backend=backend)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] and metrics["samples"] == 15  # 3 classes x 5 val images, each counted once
     assert metrics["total_steps"] == 3  # 24 images / (2 ranks x 4)
     assert (out / "config.yaml").exists() and (out / "log.txt").exists()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
     test_args = ["--test-only", "--checkpoint", str(out / "model_final.pth")] + tiny_args(data, out, "MODEL.NORM", norm, *extra)
-    run(test_args, launcher=("torchrun",))
+    run(test_args, launcher=("torchrun",), backend=backend)
     evaluated = json.loads((out / "eval.json").read_text())
     assert evaluated["samples"] == 15
     assert evaluated["top1_err"] == pytest.approx(metrics["top1_err"])
@@ -176,7 +180,7 @@ def test_fashion_mnist_short_run_learns(tmp_path):
     """Real data: 250 steps of a ResNet-20 with MABN at b = 2 on Fashion-MNIST (measured ~20% test error)."""
     out = tmp_path / "fm"
     run(["--config", os.path.join(ROOT, "configs", "cls", "fashion_mnist", "mabn_b2.yaml"), "SOLVER.MAX_STEPS", "250",
-         "DATA.WORKERS", "1", "LOG.PROGRESS", "False", "OUTPUT_DIR", str(out)], timeout=600)
+         "DATA.WORKERS", "1", "LOG.PROGRESS", "False", "OUTPUT_DIR", str(out)], timeout=600, backend="auto")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 10000
     assert metrics["top1_err"] < 35.0, metrics

@@ -156,16 +156,22 @@ def _backward(estimator, dy, x, weight, plan: Plan, state, cfg, groups, needs_gr
     return dx, dweight, dbias
 
 
+def _plain(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # dynamo gives nn.Parameters static shapes (force_parameter_static_shapes): a parameter passed as is would
+    # specialize the graph to its channel count and recompile it for every layer width.
+    return None if t is None else t.detach()
+
+
 def forward(estimator, x, weight, bias, state, cfg, groups):
-    return _compiled(_forward)(estimator, x, weight, bias, state, cfg, groups)
+    return _compiled(_forward)(estimator, x, _plain(weight), _plain(bias), state, cfg, groups)
 
 
 def apply(x, weight, bias, plan: Plan, groups):
-    return _compiled(_apply)(x, weight, bias, plan, groups)
+    return _compiled(_apply)(x, _plain(weight), _plain(bias), plan, groups)
 
 
 def backward(estimator, dy, x, weight, plan, state, cfg, groups, needs_grad, bias_dtype):
-    return _compiled(_backward)(estimator, dy, x, weight, plan, state, cfg, groups, needs_grad, bias_dtype)
+    return _compiled(_backward)(estimator, dy, x, _plain(weight), plan, state, cfg, groups, needs_grad, bias_dtype)
 
 
 def moments(x: torch.Tensor, groups: int, centered: bool):

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""The paper's inference-speed figure: ResNet-50 images/s by batch size for BN, MABN (folded), LN, IN and GN.
+
+    python scripts/bench_inference.py                       # CPU, and CUDA when present
+    python scripts/bench_inference.py --device cuda --batches 1 8 32 --json inference.json
+
+BN and MABN fold into the convolutions for inference (``mabn.fold_model``), so both run the same plain
+network; LN, IN and GN normalize with statistics of the test sample and cannot. Every model runs in one
+process, in rounds, and the median of each is reported with its ratio to folded BN beside the paper's
+ratios (measured on a GPU, where convolutions are fast and norms memory-bound).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+
+import mabn
+
+PAPER_IMAGES_PER_S = {"BN (folded)": 237.88, "MABN (folded)": 237.88, "LN": 125.44, "IN": 105.60, "GN": 99.37}
+
+
+def build_models(device: torch.device, channels_last: bool) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    models = {
+        "BN (folded)": mabn.fold_model(torchvision.models.resnet50()),
+        "MABN (folded)": mabn.fold_model(mabn.convert_model(torchvision.models.resnet50(), norm="mabn", conv="cen")),
+        "LN": mabn.convert_model(torchvision.models.resnet50(), norm="ln"),
+        "IN": mabn.convert_model(torchvision.models.resnet50(), norm="in"),
+        "GN": mabn.convert_model(torchvision.models.resnet50(), norm="gn"),
+    }
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return {name: m.eval().to(device, memory_format=memory_format) for name, m in models.items()}
+
+
+def images_per_second(model, x, min_seconds: float) -> float:
+    runs, start = 0, time.perf_counter()
+    while True:
+        model(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds and runs >= 2:
+            return runs * x.shape[0] / elapsed
+
+
+@torch.inference_mode()
+def bench(device: torch.device, batches, size: int, rounds: int, min_seconds: float, channels_last: bool) -> dict:
+    models = build_models(device, channels_last)
+    results = {}
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for model in models.values():  # warm-up (cuDNN autotuning, allocator)
+            model(x)
+        samples = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, model in models.items():
+                samples[name].append(images_per_second(model, x, min_seconds))
+        results[batch] = {name: statistics.median(v) for name, v in samples.items()}
+    return results
+
+
+def print_table(device: torch.device, results: dict) -> None:
+    names = list(next(iter(results.values())))
+    title = f"CPU, {torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"\n## ResNet-50 inference on {title}: images/s (ratio to folded BN)\n")
+    print("| batch | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for batch, row in results.items():
+        bn = row["BN (folded)"]
+        print(f"| {batch} | " + " | ".join(f"{row[n]:.1f} ({row[n] / bn:.2f})" for n in names) + " |")
+    paper_bn = PAPER_IMAGES_PER_S["BN (folded)"]
+    print("| paper, batch 1 (GPU) | " + " | ".join(f"{PAPER_IMAGES_PER_S[n]:.1f} ({PAPER_IMAGES_PER_S[n] / paper_bn:.2f})" for n in names) + " |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--size", type=int, default=224, help="image side")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=0.5, help="per model, batch and round")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
+    if args.device in ("cuda", "all") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    elif args.device == "cuda":
+        parser.error("CUDA is not available")
+    report = {}
+    for device in devices:
+        results = bench(device, args.batches, args.size, args.rounds, args.min_seconds, args.channels_last)
+        print_table(device, results)
+        report[device.type] = results
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Forward + backward time and peak memory of the norm layers, as ratios to nn.BatchNorm2d in the same process.
+
+    python scripts/bench_layers.py                    # CPU, and CUDA when present
+    python scripts/bench_layers.py --device cpu --repeats 9 --json bench_layers.json
+
+Shapes: ResNet-50's norm inputs at N = 32 (64x56x56, 128x28x28, 256x14x14, 512x7x7 and their 4x-channel
+block outputs) and a detection shape (N = 2, 256x200x272). Layers: MABN2d with the fused kernels and with
+the reference path, BRN, GN, and the grouped b = 2 variants of BN, BRN and MABN (N = 32). Every layer runs
+once per round, rounds repeat, and the median is reported: these machines are noisy, so only ratios
+measured side by side mean anything. Peak memory is what one forward + backward allocates on top of its
+input and output gradient (CUDA: allocator statistics; CPU: the profiler's allocation events).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from mabn import BatchNorm2d, BatchRenorm2d, MABN2d
+
+SHAPES = [
+    (32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7),
+    (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7),
+    (2, 256, 200, 272),
+]
+
+
+def layers_for(channels: int, batch: int) -> dict[str, nn.Module]:
+    mabn_options = dict(warmup_iters=0, renorm_warmup_iters=0)  # measure the steady state: SMA and r active
+    brn_options = dict(warmup_steps=0)
+    layers = {
+        "BN": nn.BatchNorm2d(channels),
+        "MABN fused": MABN2d(channels, backend="fused", **mabn_options),
+        "MABN reference": MABN2d(channels, backend="reference", **mabn_options),
+        "BRN": BatchRenorm2d(channels, backend="fused", **brn_options),
+        "GN": nn.GroupNorm(32, channels),
+    }
+    if batch % 2 == 0 and batch > 2:
+        layers.update({
+            "BN b=2": BatchNorm2d(channels, norm_batch_size=2, backend="fused"),
+            "BRN b=2": BatchRenorm2d(channels, norm_batch_size=2, backend="fused", **brn_options),
+            "MABN b=2": MABN2d(channels, norm_batch_size=2, backend="fused", **mabn_options),
+        })
+    return layers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+    xi = x.detach().requires_grad_()
+    layer(xi).backward(dy)
+
+
+def peak_memory(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> int:
+    """Bytes one forward + backward holds at its peak beyond ``x`` and ``dy`` (parameter grads excluded)."""
+    layer.zero_grad(set_to_none=False)  # parameter gradients exist already: their memory is not the layer's
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(layer, x, dy)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(layer, x, dy)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def bench_shape(shape, device: torch.device, repeats: int) -> dict:
+    n, c, h, w = shape
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device)
+    dy = torch.randn(shape, device=device)
+    layers = {name: layer.to(device) for name, layer in layers_for(c, n).items()}
+    for layer in layers.values():  # warm up: compile kernels, fill windows, allocate gradients
+        for _ in range(2):
+            step(layer, x, dy)
+    times = {name: [] for name in layers}
+    for _ in range(repeats):
+        for name, layer in layers.items():
+            _sync(device)
+            start = time.perf_counter()
+            step(layer, x, dy)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    result = {"shape": list(shape), "layers": {}}
+    bn_time = statistics.median(times["BN"])
+    bn_memory = peak_memory(layers["BN"], x, dy)
+    for name, layer in layers.items():
+        t = statistics.median(times[name])
+        memory = peak_memory(layer, x, dy)
+        result["layers"][name] = {"ms": 1e3 * t, "time_ratio": t / bn_time, "peak_mb": memory / 2**20, "memory_ratio": memory / bn_memory}
+    return result
+
+
+def print_table(device: torch.device, results: list[dict]) -> None:
+    names = list(results[0]["layers"])
+    print(f"\n## {device.type.upper()} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"\n## CUDA: {torch.cuda.get_device_name(device)}")
+    print("forward+backward time / nn.BatchNorm2d (same process, median), BN time in ms; peak memory / BN's in brackets\n")
+    print("| shape | BN ms | " + " | ".join(names[1:]) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for r in results:
+        cells = []
+        for name in names[1:]:
+            entry = r["layers"].get(name)
+            cells.append("-" if entry is None else f"{entry['time_ratio']:.2f}x ({entry['memory_ratio']:.2f}x)")
+        n, c, h, w = r["shape"]
+        print(f"| {n}x{c}x{h}x{w} | {r['layers']['BN']['ms']:.2f} | " + " | ".join(cells) + " |")
+    grouped = [r for r in results if "MABN b=2" in r["layers"]]
+    if grouped:
+        print("\ngrouped b = 2 (N = 32) relative to ungrouped BN-32: " + ", ".join(
+            f"{name} max {max(r['layers'][name]['time_ratio'] for r in grouped):.2f}x" for name in ("BN b=2", "BRN b=2", "MABN b=2")))
+    print("MABN fused: max " + f"{max(r['layers']['MABN fused']['time_ratio'] for r in results):.2f}x time, "
+          f"max {max(r['layers']['MABN fused']['memory_ratio'] for r in results):.2f}x memory of BN over all shapes")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shapes", type=int, nargs="+", help="indices into the shape list (default: all)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
+    if args.device in ("cuda", "all") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    elif args.device == "cuda":
+        parser.error("CUDA is not available")
+    shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
+    report = {}
+    for device in devices:
+        results = [bench_shape(shape, device, args.repeats) for shape in shapes]
+        print_table(device, results)
+        report[device.type] = results
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Training throughput of the cls/ trainer (synthetic data): BN-32, BN-2, BRN-2 and MABN-2 as ratios to BN-32,
+and the trainer against a minimal plain PyTorch loop on the same model, data and optimizer.
+
+    python scripts/bench_train.py                          # CPU defaults: ResNet-50 at 64 px
+    python scripts/bench_train.py --device cuda --size 224 --steps 50
+
+Every configuration is built once; then, round after round, each trains one timed epoch of ``--steps``
+steps (after an untimed warm-up epoch), and the median over rounds is reported. Same process, side by
+side: the only comparison these noisy machines allow.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cls.config import get_default_config
+from cls.train import Trainer, build_model
+from mabn.distributed import init_distributed
+from mabn.run_log import RunLogger
+
+CONFIGS = {
+    "BN-32": ["MODEL.NORM", "bn"],
+    "BN-2": ["MODEL.NORM", "bn", "MODEL.NORM_BATCH_SIZE", "2"],
+    "BRN-2": ["MODEL.NORM", "brn", "MODEL.NORM_BATCH_SIZE", "2"],
+    "MABN-2": ["MODEL.NORM", "mabn", "MODEL.NORM_BATCH_SIZE", "2", "MODEL.CENTERED_CONVS", "True"],
+}
+
+
+class PlainLoop:
+    """What the trainer does, minus everything it adds: forward, loss, backward, SGD step."""
+
+    def __init__(self, cfg, trainer: Trainer, device):
+        self.device = device
+        torch.manual_seed(cfg.SEED)
+        self.model = build_model(cfg).to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=trainer.lr, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.SOLVER.LABEL_SMOOTHING)
+        dataset = trainer.train_loader.dataset.dataset  # the trainer's synthetic set, without its seeding wrapper
+        workers = cfg.DATA.WORKERS
+        self.loader = DataLoader(dataset, batch_size=cfg.DATA.BATCH_SIZE, shuffle=True, drop_last=True, num_workers=workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+    def epoch(self) -> None:
+        self.model.train()
+        for images, targets in self.loader:
+            images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            loss = self.criterion(self.model(images), targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--size", type=int, help="image side (default: 224 on CUDA, 64 on the CPU)")
+    parser.add_argument("--batch", type=int, default=32, help="per-process batch N")
+    parser.add_argument("--steps", type=int, help="steps per timed epoch (default: 50 on CUDA, 6 on the CPU)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    size = args.size or (224 if cuda else 64)
+    steps = args.steps or (50 if cuda else 6)
+    info = init_distributed(args.device)
+    output = tempfile.mkdtemp(prefix="bench_train_")
+
+    trainers, loops = {}, {}
+    for name, overrides in CONFIGS.items():
+        cfg = get_default_config()
+        cfg.merge_from_list([
+            "DEVICE", args.device, "MODEL.ARCH", args.arch, "DATA.DATASET", "synthetic", "DATA.BATCH_SIZE", str(args.batch),
+            "DATA.SYNTHETIC_SAMPLES", str(steps * args.batch), "DATA.SYNTHETIC_IMAGE_SIZE", str(size),
+            "DATA.WORKERS", str(args.workers), "SOLVER.EPOCHS", "1000", "LOG.PROGRESS", "False", "LOG.PERIOD", "1000000",
+            "OUTPUT_DIR", f"{output}/{name}", *overrides,
+        ])
+        cfg.freeze()
+        trainers[name] = Trainer(cfg, info, RunLogger(cfg.OUTPUT_DIR, tensorboard=False), resume=None)
+        if name in ("BN-32", "MABN-2"):
+            loops[name] = PlainLoop(cfg, trainers[name], info.device)
+
+    def trainer_epoch(trainer):
+        def run():
+            trainer.train_steps()
+            if cuda:
+                torch.cuda.synchronize()
+        return run
+
+    runs = {f"trainer {n}": trainer_epoch(t) for n, t in trainers.items()}
+    runs.update({f"plain loop {n}": loop.epoch for n, loop in loops.items()})
+    for run in runs.values():  # warm-up: compiled kernels, allocator, data workers
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            times[name].append(timed(run) / steps)
+    step = {name: statistics.median(v) for name, v in times.items()}
+
+    device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n## Training throughput, {args.arch} at {size} px, N = {args.batch}, {device}\n")
+    print("| configuration | s/step | images/s | ratio to BN-32 |")
+    print("|---|---|---|---|")
+    bn = step["trainer BN-32"]
+    for name in CONFIGS:
+        t = step[f"trainer {name}"]
+        print(f"| {name} | {t:.3f} | {args.batch / t:.1f} | {bn / t:.2f} |")
+    print("\n| plain loop vs trainer | plain s/step | trainer s/step | trainer / plain |")
+    print("|---|---|---|---|")
+    for name in loops:
+        plain, trained = step[f"plain loop {name}"], step[f"trainer {name}"]
+        print(f"| {name} | {plain:.3f} | {trained:.3f} | {trained / plain:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

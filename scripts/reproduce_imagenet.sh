@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Rerun the paper's ImageNet tables with torchrun, one config after another.
+#
+#   scripts/reproduce_imagenet.sh --data /datasets/imagenet [--gpus 8] [--out runs/imagenet] [--table all] [KEY VALUE ...]
+#
+# --table: batch (BN / BRN / MABN at b = 32 ... 1: the paper's main figure), baselines (GN, LN, IN),
+# ablation (the MABN switches at b = 2), or all. Run directories are <out>/<config name>; finished runs
+# are skipped and interrupted ones resume from their checkpoint, so the script can simply be rerun.
+# Trailing KEY VALUE pairs go to every run (e.g. DATA.WORKERS 12). Multi-node: put torchrun's flags in
+# TORCHRUN_ARGS (e.g. TORCHRUN_ARGS="--nnodes=2 --node_rank=0 --master_addr=host0 --master_port=29500").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+
+gpus=8 out=runs/imagenet table=all data=""
+usage() { sed -n '2,12p' "$0"; exit "${1:-0}"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) data=$2; shift 2 ;;
+    --gpus) gpus=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --table) table=$2; shift 2 ;;
+    -h|--help) usage ;;
+    --*) echo "unknown option $1" >&2; usage 2 ;;
+    *) break ;;
+  esac
+done
+[ -n "$data" ] || { echo "--data /path/to/imagenet (with train/ and val/) is required" >&2; exit 2; }
+[ -d "$data/train" ] && [ -d "$data/val" ] || { echo "$data must hold train/ and val/ ImageFolders" >&2; exit 2; }
+
+batch=(bn_b32 bn_b16 bn_b8 bn_b4 bn_b2 brn_b32 brn_b16 brn_b8 brn_b4 brn_b2 mabn_b32 mabn_b16 mabn_b8 mabn_b4 mabn_b2 mabn_b1)
+baselines=(gn ln in)
+ablation=($(cd configs/cls && ls ablation/*.yaml | sed 's/\.yaml$//'))
+case "$table" in
+  batch) configs=("${batch[@]}") ;;
+  baselines) configs=("${baselines[@]}") ;;
+  ablation) configs=("${ablation[@]}") ;;
+  all) configs=("${batch[@]}" "${baselines[@]}" "${ablation[@]}") ;;
+  *) echo "--table must be batch, baselines, ablation or all" >&2; exit 2 ;;
+esac
+[ "$gpus" = 8 ] || echo "note: the paper trains on 8 GPUs x 32 images; with $gpus GPUs the total batch (and, by linear scaling, the lr) changes" >&2
+
+finished() { [ -f "$1/metrics.json" ] && "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("finished") else 1)' "$1/metrics.json"; }
+for name in "${configs[@]}"; do
+  run="$out/$name"
+  if finished "$run"; then echo "== $name: finished, skipped"; continue; fi
+  echo "== $name -> $run"
+  # shellcheck disable=SC2086
+  "$PY" -m torch.distributed.run --nproc_per_node="$gpus" ${TORCHRUN_ARGS:-} cls/train.py \
+    --config "configs/cls/$name.yaml" DATA.ROOT "$data" OUTPUT_DIR "$run" "$@"
+done
+"$PY" scripts/collect_results.py --only imagenet --imagenet "$out" --plot "$out/error_vs_b.png"

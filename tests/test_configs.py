@@ -1,0 +1,131 @@
+"""Every config of configs/ loads, states the published recipe, builds its model and trains one step."""
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+
+import mabn
+from cls.config import get_default_config as cls_defaults
+from cls.train import build_model, check_config
+from mabn.config import load_config
+from mabn.solver import build_sgd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "cls", "**", "*.yaml"), recursive=True))
+IMAGENET_ROWS = [f"{n}_b{b}" for n in ("bn", "brn") for b in (32, 16, 8, 4, 2)] + [f"mabn_b{b}" for b in (32, 16, 8, 4, 2, 1)] + ["gn", "ln", "in"]
+FASHION_ROWS = ["bn_b32", "bn_b2", "brn_b2", "mabn_b2", "bn_b1", "brn_b1", "mabn_b1"]
+
+
+def _rel(path):
+    return os.path.relpath(path, os.path.join(ROOT, "configs"))
+
+
+def _leaves(values, prefix=""):
+    for key, value in values.items():
+        if key == "_BASE_":
+            continue
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _lookup(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        if part not in node:
+            return KeyError
+        node = node[part]
+    return node
+
+
+def test_every_row_of_the_paper_has_a_config():
+    names = {_rel(p) for p in CLS_CONFIGS}
+    for row in IMAGENET_ROWS:
+        assert f"cls/{row}.yaml" in names
+    assert len([n for n in names if n.startswith("cls/ablation/")]) == 16  # 2^4 switch combinations
+    for row in FASHION_ROWS:
+        assert f"cls/fashion_mnist/{row}.yaml" in names
+
+
+@pytest.mark.parametrize("path", CLS_CONFIGS, ids=_rel)
+def test_config_does_not_restate_its_base(path):
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if "_BASE_" not in values:
+        return
+    base = load_config(cls_defaults(), os.path.join(os.path.dirname(path), values["_BASE_"]))
+    for key, value in _leaves(values):
+        inherited = _lookup(base, key)
+        assert inherited is KeyError or inherited != value, f"{_rel(path)} repeats {key} = {value!r} from its base"
+
+
+@pytest.mark.parametrize("path", CLS_CONFIGS, ids=_rel)
+def test_config_builds_its_model_and_takes_a_training_step(path):
+    cfg = load_config(cls_defaults(), path)
+    check_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = build_sgd(model, 0.01, cfg.SOLVER.MOMENTUM, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.NORM_WEIGHT_DECAY)
+    size = 28 if cfg.MODEL.ARCH == "resnet20" else 32  # tiny input, the real batch (b must divide it)
+    x = torch.randn(cfg.DATA.BATCH_SIZE, cfg.MODEL.IN_CHANNELS, size, size)
+    y = torch.randint(0, cfg.MODEL.NUM_CLASSES, (cfg.DATA.BATCH_SIZE,))
+    before = model.fc.weight.detach().clone()
+    loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=cfg.SOLVER.LABEL_SMOOTHING)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(before, model.fc.weight)
+
+
+def _norm_layers(model, kind):
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize("row", IMAGENET_ROWS)
+def test_imagenet_configs_state_the_published_recipe(row):
+    cfg = load_config(cls_defaults(), os.path.join(ROOT, "configs", "cls", f"{row}.yaml"))
+    s, d = cfg.SOLVER, cfg.DATA
+    assert (cfg.MODEL.ARCH, cfg.MODEL.NUM_CLASSES, d.DATASET, d.BATCH_SIZE) == ("resnet50", 1000, "imagenet", 32)
+    assert (s.BASE_LR, s.REFERENCE_BATCH, s.MOMENTUM, s.WEIGHT_DECAY, s.NORM_WEIGHT_DECAY) == (0.1, 256, 0.9, 1e-4, None)
+    assert (s.EPOCHS, s.LR_SCHEDULE, s.LR_STEPS, s.LR_GAMMA, s.WARMUP_EPOCHS, s.LABEL_SMOOTHING) == (120, "step", [30, 60, 90], 0.1, 0.0, 0.1)
+    assert (d.CROP_SIZE, d.RESIZE_SIZE, d.LIGHTING_STD) == (224, 256, 0.1)
+    norm, _, b = row.partition("_b")
+    assert cfg.MODEL.NORM == norm
+    model = build_model(cfg)
+    if norm in ("gn", "ln", "in"):
+        assert cfg.MODEL.NORM_BATCH_SIZE is None
+        groups = {"gn": 32, "ln": 1}
+        for layer in _norm_layers(model, torch.nn.GroupNorm):
+            assert layer.num_groups == groups.get(norm, layer.num_channels)
+        return
+    b = int(b)
+    assert cfg.MODEL.NORM_BATCH_SIZE in ((b,) if b < 32 else (None, 32))
+    if norm == "mabn":
+        layers = _norm_layers(model, mabn.MABN2d)
+        assert len(layers) == 53 and cfg.MODEL.CENTERED_CONVS
+        assert all(type(m) is not torch.nn.Conv2d for m in model.modules())  # every conv is weight-centered
+        for layer in layers:
+            assert (layer.buffer_size, layer.norm_batch_size, layer.momentum, layer.r_max) == (32 // b, b, 0.98, 5.0)
+            assert (layer.warmup, layer.warmup_iters, layer.renorm_warmup_iters) == ("classification", 2, 99)
+    elif norm == "brn":
+        layers = _norm_layers(model, mabn.BatchRenorm2d)
+        assert len(layers) == 53
+        for layer in layers:
+            assert (layer.r_max, layer.d_max, layer.warmup_steps, layer.d_max_steps, layer.r_max_steps) == (3.0, 5.0, 5000, 25000, 40000)
+    else:
+        assert len(_norm_layers(model, mabn.BatchNorm2d)) == 53
+
+
+def test_ablation_rows_span_the_four_switches():
+    seen = set()
+    for path in glob.glob(os.path.join(ROOT, "configs", "cls", "ablation", "*.yaml")):
+        cfg = load_config(cls_defaults(), path)
+        o = cfg.MODEL.NORM_OPTIONS
+        switches = (o.get("forward_sma", True), o.get("backward_sma", True), o.get("reduced_stats", True), o.get("renorm", True))
+        assert cfg.MODEL.CENTERED_CONVS == switches[2], "centered convs go with the reduced statistics"
+        assert (cfg.MODEL.NORM, cfg.MODEL.NORM_BATCH_SIZE, o["buffer_size"]) == ("mabn", 2, 16)
+        seen.add(switches)
+    assert len(seen) == 16
