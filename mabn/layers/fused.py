@@ -47,43 +47,37 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    # (N, C) inputs (MABN1d on features) become (N, C, 1): every pass reduces over dims 2 and up.
-    return x.unsqueeze(-1) if x.dim() == 2 else x
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, *S) -> (G, b, C, *S), a view; (N, C) inputs (MABN1d on features) become (G, b, C, 1).
+
+    The compiled graphs only ever see grouped views, with their outputs written into grouped views of
+    tensors allocated here: reshaping between (N, ...) and (G, b, ...) inside a graph with dynamic shapes
+    is a copy (N = G * b is not provable there), and indexing (G, C) coefficients per sample instead costs
+    an integer division per vector; either doubled the time of the grouped passes."""
+    xr = x.unsqueeze(-1) if x.dim() == 2 else x
+    return xr.unflatten(0, (groups, xr.shape[0] // groups))
 
 
-def _per_row(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view(t.shape[0], t.shape[1], *([1] * (like.dim() - 2)))
+def _per_group(t: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    """(G, C) -> (G, 1, C, 1, ...), broadcastable against a grouped tensor."""
+    return t.view(t.shape[0], 1, t.shape[1], *([1] * (grouped.dim() - 3)))
 
 
-def _per_sample(t: torch.Tensor, samples_per_group) -> torch.Tensor:
-    """(G, C) per normalization batch -> (N, C) per sample."""
-    groups, channels = t.shape
-    return t[:, None, :].expand(groups, samples_per_group, channels).reshape(groups * samples_per_group, channels)
-
-
-def _group_sum(rows: torch.Tensor, groups) -> torch.Tensor:
-    """(N, C) per sample -> (G, C) summed over each normalization batch."""
-    return rows.view(groups, rows.shape[0] // groups, rows.shape[1]).sum(1)
-
-
-def _moments(x: torch.Tensor, groups, centered: bool):
+def _moments(xg: torch.Tensor, centered: bool):
     """Per-group ``(mean or None, biased second moment, values per group)``, from per-row sums."""
-    xr = _rows(x)
-    n, c = xr.shape[:2]
-    per_row = xr.numel() // (n * c)
-    count = (n // groups) * per_row
-    dims = tuple(range(2, xr.dim()))
-    xa = _acc(xr)
+    per_row = xg.numel() // (xg.shape[0] * xg.shape[1] * xg.shape[2])
+    count = xg.shape[1] * per_row
+    rows = tuple(range(3, xg.dim()))
+    xa = _acc(xg)
     if not centered:
-        return None, _group_sum((xa * xa).sum(dims), groups) / count, count
-    row_mean = xa.mean(dims)
-    centred = xa - _per_row(row_mean, xa)
-    row_m2 = (centred * centred).sum(dims)
-    means = row_mean.view(groups, n // groups, c)
+        return None, (xa * xa).sum(rows).sum(1) / count, count
+    row_mean = xa.mean(rows, keepdim=True)
+    centred = xa - row_mean
+    row_m2 = (centred * centred).sum(rows)
+    means = row_mean.flatten(2)  # (G, b, C)
     mean = means.mean(1)
     # Chan et al.'s pairwise combination of the rows' moments: exact, no E[x^2] - E[x]^2 cancellation.
-    m2 = _group_sum(row_m2, groups) + per_row * ((means - mean[:, None]) ** 2).sum(1)
+    m2 = row_m2.sum(1) + per_row * ((means - mean[:, None]) ** 2).sum(1)
     return mean, m2 / count, count
 
 
@@ -91,45 +85,38 @@ def _scale_and_shift(weight, bias, plan: Plan, acc: torch.dtype):
     """(G, C) coefficients of ``y = x * A + B``."""
     inv_std = 1.0 / plan.std.to(acc)
     k = inv_std if weight is None else weight.to(acc) * inv_std
-    wr_d = None
     if plan.r is not None:
         k = k * plan.r.to(acc)
     shift = -k * plan.mean.to(acc) if plan.mean is not None else torch.zeros_like(k)
     if plan.d is not None:
-        wr_d = plan.d.to(acc) if weight is None else weight.to(acc) * plan.d.to(acc)
-        shift = shift + wr_d
+        shift = shift + (plan.d.to(acc) if weight is None else weight.to(acc) * plan.d.to(acc))
     if bias is not None:
         shift = shift + bias.to(acc)
     return k, shift
 
 
-def _apply(x, weight, bias, plan: Plan, groups):
-    xr = _rows(x)
-    b = xr.shape[0] // groups
-    k, shift = _scale_and_shift(weight, bias, plan, accumulation_dtype(x.dtype))
-    y = _acc(xr) * _per_row(_per_sample(k, b), xr) + _per_row(_per_sample(shift, b), xr)
-    return y.to(x.dtype).view_as(x)
+def _apply(xg, out, weight, bias, plan: Plan):
+    k, shift = _scale_and_shift(weight, bias, plan, accumulation_dtype(xg.dtype))
+    out.copy_(_acc(xg) * _per_group(k, xg) + _per_group(shift, xg))
 
 
-def _forward(estimator, x, weight, bias, state, cfg, groups):
-    mean, var, count = _moments(x, groups, estimator.centered(cfg))
+def _forward(estimator, xg, out, weight, bias, state, cfg):
+    mean, var, count = _moments(xg, estimator.centered(cfg))
     plan = estimator.forward(mean, var, count, state, cfg)
-    return _apply(x, weight, bias, plan, groups), plan
+    _apply(xg, out, weight, bias, plan)
+    return plan
 
 
-def _backward(estimator, dy, x, weight, plan: Plan, state, cfg, groups, needs_grad, bias_dtype):
-    acc = accumulation_dtype(x.dtype)
-    xr, dyr = _rows(x), _rows(dy)
-    n, c = xr.shape[:2]
-    b = n // groups
-    count = b * (xr.numel() // (n * c))
-    dims = tuple(range(2, xr.dim()))
-    d, xa = _acc(dyr), _acc(xr)
+def _backward(estimator, dyg, xg, dx, weight, plan: Plan, state, cfg, needs_grad, bias_dtype):
+    acc = accumulation_dtype(xg.dtype)
+    count = xg.numel() // (xg.shape[0] * xg.shape[2])  # values per normalization batch
+    rows = tuple(range(3, xg.dim()))
+    d, xa = _acc(dyg), _acc(xg)
     std = plan.std.to(acc)
     center = None if plan.mean is None else plan.mean.to(acc)
-    centred = xa if center is None else xa - _per_row(_per_sample(center, b), xr)
-    sdy = _group_sum(d.sum(dims), groups)
-    sdyz = _group_sum((d * centred).sum(dims), groups)  # sum(dy * (x - mean)) per group
+    centred = xa if center is None else xa - _per_group(center, xg)
+    sdy = d.sum(rows).sum(1)
+    sdyz = (d * centred).sum(rows).sum(1)  # sum(dy * (x - mean)) per group
     wr = torch.ones_like(std) if weight is None else weight.to(acc).expand_as(std)
     if plan.r is not None:
         wr = wr * plan.r.to(acc)
@@ -138,14 +125,13 @@ def _backward(estimator, dy, x, weight, plan: Plan, state, cfg, groups, needs_gr
     g_mean = wr * sdy / count if center is not None else None
     g_mean, psi = estimator.backward(g_mean, psi, plan, state, cfg)
 
-    dx = dweight = dbias = None
-    if needs_grad[0]:
+    dweight = dbias = None
+    if dx is not None:
         slope = -psi.to(acc) / (std * std)  # coefficient of x
-        out = d * _per_row(_per_sample(k, b), xr) + xa * _per_row(_per_sample(slope, b), xr)
+        out = d * _per_group(k, xg) + xa * _per_group(slope, xg)
         if center is not None:
-            offset = -slope * center - g_mean.to(acc) / std
-            out = out + _per_row(_per_sample(offset, b), xr)
-        dx = out.to(x.dtype).view_as(x)
+            out = out + _per_group(-slope * center - g_mean.to(acc) / std, xg)
+        dx.copy_(out)
     if weight is not None and needs_grad[1]:
         y_hat_sums = sdyz / std if plan.r is None else plan.r.to(acc) * sdyz / std
         if plan.d is not None:
@@ -153,7 +139,7 @@ def _backward(estimator, dy, x, weight, plan: Plan, state, cfg, groups, needs_gr
         dweight = y_hat_sums.sum(0).to(weight.dtype)
     if needs_grad[2]:
         dbias = sdy.sum(0).to(bias_dtype)
-    return dx, dweight, dbias
+    return dweight, dbias
 
 
 def _plain(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -163,18 +149,27 @@ def _plain(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def forward(estimator, x, weight, bias, state, cfg, groups):
-    return _compiled(_forward)(estimator, x, _plain(weight), _plain(bias), state, cfg, groups)
+    y = torch.empty_like(x)
+    plan = _compiled(_forward)(estimator, _grouped(x, groups), _grouped(y, groups), _plain(weight), _plain(bias), state, cfg)
+    return y, plan
 
 
 def apply(x, weight, bias, plan: Plan, groups):
-    return _compiled(_apply)(x, _plain(weight), _plain(bias), plan, groups)
+    y = torch.empty_like(x)
+    _compiled(_apply)(_grouped(x, groups), _grouped(y, groups), _plain(weight), _plain(bias), plan)
+    return y
 
 
 def backward(estimator, dy, x, weight, plan, state, cfg, groups, needs_grad, bias_dtype):
-    return _compiled(_backward)(estimator, dy, x, _plain(weight), plan, state, cfg, groups, needs_grad, bias_dtype)
+    dx = torch.empty_like(x) if needs_grad[0] else None
+    dweight, dbias = _compiled(_backward)(
+        estimator, _grouped(dy, groups), _grouped(x, groups), None if dx is None else _grouped(dx, groups),
+        _plain(weight), plan, state, cfg, needs_grad, bias_dtype,
+    )
+    return dx, dweight, dbias
 
 
 def moments(x: torch.Tensor, groups: int, centered: bool):
     """``(mean or None, var)`` per normalization batch, as the fused forward computes them (for tests)."""
-    mean, var, _ = _compiled(_moments)(x, groups, centered)
+    mean, var, _ = _compiled(_moments)(_grouped(x, groups), centered)
     return mean, var

@@ -2,8 +2,9 @@
 
 Every normalization layer of this package that accepts ``norm_batch_size`` sees its input
 ``(N, C, *spatial)`` as ``(G, b, C, *spatial)`` with ``G = N // b`` groups. Per-group,
-per-channel quantities are ``(G, C)`` tensors; :func:`expand_stat` broadcasts them back
-against the grouped input. Keeping this in one place keeps the layers free of reshaping.
+per-channel quantities are ``(G, C)`` tensors; :func:`per_sample` repeats them for the samples
+of each group. The reference kernels (``normalize.py``) use these helpers; the fused ones
+(``fused.py``) do the same inside their compiled graphs.
 """
 from __future__ import annotations
 
@@ -48,12 +49,6 @@ def group_mean(t: torch.Tensor, groups: int) -> torch.Tensor:
     """Per-group, per-channel mean of ``t`` (N, C, *S) -> (G, C)."""
     grouped = split_groups(t, groups)
     return grouped.mean(reduce_dims(grouped))
-
-
-def group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """Per-group, per-channel sum of ``t`` (N, C, *S) -> (G, C)."""
-    grouped = split_groups(t, groups)
-    return grouped.sum(reduce_dims(grouped))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
