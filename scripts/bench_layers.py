@@ -9,12 +9,15 @@ block outputs) and a detection shape (N = 2, 256x200x272). Layers: MABN2d with t
 the reference path, BRN, GN, and the grouped b = 2 variants of BN, BRN and MABN (N = 32). Every layer runs
 once per round, rounds repeat, and the median is reported: these machines are noisy, so only ratios
 measured side by side mean anything. Peak memory is what one forward + backward allocates on top of its
-input and output gradient (CUDA: allocator statistics; CPU: the profiler's allocation events).
+input and output gradient (CUDA: allocator statistics; CPU, Linux: the peak resident size, with glibc
+told to map every allocation of 64 KiB or more on its own so that freed memory leaves the process).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import re
 import statistics
 import sys
 import time
@@ -60,6 +63,17 @@ def step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
     layer(xi).backward(dy)
 
 
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def cpu_memory_tracking() -> None:
+    """Make the process's resident size follow its live tensors (Linux/glibc): every allocation of 64 KiB or
+    more gets its own mapping, returned to the system when freed, so the peak RSS of a step is its peak."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; fixed, not adaptive
+
+
 def peak_memory(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> int:
     """Bytes one forward + backward holds at its peak beyond ``x`` and ``dy`` (parameter grads excluded)."""
     layer.zero_grad(set_to_none=False)  # parameter gradients exist already: their memory is not the layer's
@@ -70,16 +84,11 @@ def peak_memory(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> int:
         step(layer, x, dy)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(layer, x, dy)
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    current = peak = 0
-    for event in events:
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size (VmHWM)
+    base = _proc_status("VmRSS")
+    step(layer, x, dy)
+    return _proc_status("VmHWM") - base
 
 
 def bench_shape(shape, device: torch.device, repeats: int) -> dict:
@@ -143,6 +152,8 @@ def main(argv=None) -> int:
     elif args.device == "cuda":
         parser.error("CUDA is not available")
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
+    if torch.device("cpu") in devices:
+        cpu_memory_tracking()
     report = {}
     for device in devices:
         results = [bench_shape(shape, device, args.repeats) for shape in shapes]
