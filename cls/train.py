@@ -12,10 +12,8 @@ it stopped. Everything a run writes goes to ``OUTPUT_DIR``: ``config.yaml`` (the
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 import warnings
 
@@ -27,37 +25,22 @@ from torch.utils.data import DataLoader, Subset
 from cls import transforms as T
 from cls.config import get_default_config
 from cls.datasets import build_dataset
-from cls.sampling import ResumableDistributedSampler, SeededDataset, shard_indices
 from mabn.batch_statistics import BatchStatisticsRecorder
-from mabn.checkpoint import load_checkpoint, model_state_dict, rng_states, save_checkpoint, set_rng_states
-from mabn.config import CfgNode, ConfigError, load_config
-from mabn.distributed import (
-    DistInfo, all_finite, all_reduce_sum, average_norm_statistics, barrier, cleanup, init_distributed,
-    local_rank_from_argv,
+from mabn.checkpoint import (
+    gather_rank_states, load_checkpoint, model_state_dict, own_rank_state, save_checkpoint, set_rng_states,
 )
+from mabn.config import CfgNode, ConfigError
+from mabn.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, barrier
+from mabn.launch import NonFiniteLossError, autocast, run
 from mabn.models import build_classifier
 from mabn.run_log import RunLogger, progress
+from mabn.sampling import ResumableDistributedSampler, SeededDataset, shard_indices
 from mabn.solver import LRSchedule, build_scheduler, build_sgd, linear_scaled_lr
 
 GROUPABLE_NORMS = ("bn", "brn", "mabn")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (may inherit others through _BASE_)")
-    parser.add_argument("--resume", nargs="?", const="", default=None,
-                        help="resume from PATH (default: OUTPUT_DIR/checkpoint.pth, which is also picked up automatically)")
-    parser.add_argument("--test-only", action="store_true", help="evaluate --checkpoint (or MODEL.WEIGHTS) and exit")
-    parser.add_argument("--checkpoint", help="weights to evaluate with --test-only")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
-    return parser.parse_args(argv)
-
-
-def check_config(cfg: CfgNode) -> None:
+def check_config(cfg: CfgNode, test_only: bool = False) -> None:
     """Cross-key constraints that types alone cannot express; each error names the keys involved."""
     b, n = cfg.MODEL.NORM_BATCH_SIZE, cfg.DATA.BATCH_SIZE
     if b is not None:
@@ -136,11 +119,6 @@ def load_weights(model: nn.Module, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- train / evaluate
-def autocast(cfg: CfgNode, device: torch.device):
-    amp = cfg.SOLVER.AMP
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp != "off")
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, cfg: CfgNode, info: DistInfo, expected: int, show: bool) -> dict:
     """Top-1 / top-5 over the whole validation set: each rank a disjoint shard, sums reduced over ranks."""
@@ -151,7 +129,7 @@ def evaluate(model: nn.Module, loader, cfg: CfgNode, info: DistInfo, expected: i
         targets = targets.to(info.device, non_blocking=True)
         if cfg.SOLVER.CHANNELS_LAST:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(cfg, info.device):
+        with autocast(cfg.SOLVER.AMP, info.device):
             logits = model(images)
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -229,12 +207,12 @@ class Trainer:
             self.recorder = BatchStatisticsRecorder(self.model, log.writer, layers, cfg.STATS.CHANNEL)
 
     # ------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict:
+    def _state(self, ranks: list[dict]) -> dict:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-            "rng": rng_states(), "config": self.cfg.dump(), "metrics": self.metrics,
+            "rng": ranks[0]["rng"], "ranks": ranks, "config": self.cfg.dump(), "metrics": self.metrics,
         }
 
     def _restore(self, path: str) -> None:
@@ -242,20 +220,25 @@ class Trainer:
         missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "epoch", "step") if k not in state]
         if missing:
             raise RuntimeError(f"{path} is not a checkpoint of this trainer (missing {missing}); use MODEL.WEIGHTS to start from weights")
-        self.model.load_state_dict(state["model"])
+        own = own_rank_state(state, self.info.rank, self.info.world_size)
+        self.model.load_state_dict({**state["model"], **(own["buffers"] if own else {})})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.metrics = state.get("metrics", {})
-        set_rng_states(state["rng"])
+        set_rng_states(own["rng"] if own else state["rng"])
         self.log.info(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+        if own is None:
+            self.log.info(f"the checkpoint was saved by {len(state.get('ranks', []))} process(es), this run has "
+                          f"{self.info.world_size}: every rank starts from rank 0's norm buffers (not an exact resume)")
 
     def save(self) -> None:
         if self.cfg.DIST.AVERAGE_NORM_STATS:
             average_norm_statistics(self.model)
+        ranks = gather_rank_states(self.model)  # MABN's windows and the RNG states differ between ranks
         if self.info.is_main:
-            save_checkpoint(self._state(), self.checkpoint_path)
+            save_checkpoint(self._state(ranks), self.checkpoint_path)
         barrier()
 
     # ------------------------------------------------------------------ loop
@@ -283,7 +266,7 @@ class Trainer:
             targets = targets.to(info.device, non_blocking=True)
             if cfg.SOLVER.CHANNELS_LAST:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(cfg, info.device):
+            with autocast(cfg.SOLVER.AMP, info.device):
                 loss = self.criterion(self.ddp(images), targets)
             if not all_finite(loss):
                 raise NonFiniteLossError(
@@ -363,32 +346,9 @@ def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(local_rank_from_argv(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = load_config(get_default_config(), args.config, args.opts)
-        check_config(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    info = init_distributed(cfg.DEVICE, cfg.DIST.BACKEND, cfg.DIST.TIMEOUT_MINUTES)
-    log = RunLogger(cfg.OUTPUT_DIR, enabled=info.is_main)
-    try:
-        if info.is_main:
-            cfg.save(os.path.join(cfg.OUTPUT_DIR, "config.yaml" if not args.test_only else "config_test.yaml"))
-        if args.test_only:
-            test_only(cfg, info, log, args.checkpoint)
-        else:
-            Trainer(cfg, info, log, args.resume).fit()
-        return 0
-    except (NonFiniteLossError, ConfigError) as e:
-        log.info(f"error: {e}")
-        if not info.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 3 if isinstance(e, NonFiniteLossError) else 2
-    finally:
-        log.close()
-        cleanup()
+    return run(argv, __doc__, get_default_config, check_config,
+               lambda cfg, info, log, resume: Trainer(cfg, info, log, resume).fit(), test_only)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 
 class CheckpointError(RuntimeError):
@@ -77,3 +78,23 @@ def set_rng_states(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank_state(model: nn.Module) -> dict:
+    """What differs between ranks and must come back on resume: RNG states and the model's buffers (MABN's
+    per-rank SMA windows and counters, statistics not averaged across ranks)."""
+    parameters = {name for name, _ in model.named_parameters()}
+    return {"rng": rng_states(), "buffers": {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in parameters}}
+
+
+def gather_rank_states(model: nn.Module) -> list[dict]:
+    """Every rank's :func:`rank_state`, in rank order (a collective: call it on every rank)."""
+    from .distributed import all_gather_objects
+
+    return all_gather_objects(rank_state(model))
+
+
+def own_rank_state(state: dict, rank: int, world_size: int) -> Optional[dict]:
+    """This rank's entry of a checkpoint's ``ranks``, or None when it was saved by another number of processes."""
+    ranks = state.get("ranks", [])
+    return ranks[rank] if len(ranks) == world_size else None

@@ -95,10 +95,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
     common = ["MODEL.NORM", "mabn", "MODEL.NORM_BATCH_SIZE", "2", "MODEL.CENTERED_CONVS", "True", "SOLVER.EPOCHS", "4",
               "CHECKPOINT.PERIOD_STEPS", "2", "DATA.WORKERS", "2", "MODEL.NORM_OPTIONS", "{warmup_iters: 2, renorm_warmup_iters: 3, buffer_size: 4}"]
     reference = tmp_path / "uninterrupted"
-    run(tiny_args(data, reference, *common))
+    run(tiny_args(data, reference, *common), backend="auto")
 
     interrupted = tmp_path / "interrupted"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_BACKEND": "auto"}
     proc = subprocess.Popen([sys.executable, TRAIN, *tiny_args(data, interrupted, *common)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -107,7 +107,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (interrupted / "checkpoint.pth").exists() and not (interrupted / "model_final.pth").exists(), "the kill came too late"
-    resumed = run(tiny_args(data, interrupted, *common))
+    resumed = run(tiny_args(data, interrupted, *common), backend="auto")
     assert "resumed from" in resumed.stderr
     ours, theirs = _final_weights(interrupted), _final_weights(reference)
     assert ours.keys() == theirs.keys()

@@ -1,10 +1,10 @@
 """Data order and augmentation that depend only on (seed, epoch, index): exact resume from any step.
 
-The training sampler shards a seeded permutation of each epoch across ranks (like
-``DistributedSampler``) and can start anywhere inside it; it yields ``(epoch, index)`` pairs, and
-:class:`SeededDataset` reseeds the random generators from them before the transforms run. The random
-crop and flip of a sample therefore never depend on which worker loaded it or on whether the run
-was interrupted, so a resumed run sees exactly the batches an uninterrupted one would have.
+Training samplers yield ``(epoch, index)`` keys (:class:`ResumableDistributedSampler` for classification;
+the detection trainer groups by aspect ratio) and can start anywhere inside an epoch; :class:`SeededDataset`
+seeds the random generators from the key before the transforms run. The random crop and flip of a sample
+therefore never depend on which worker loaded it or on whether the run was interrupted, so a resumed run
+sees exactly the batches an uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -47,7 +47,10 @@ class ResumableDistributedSampler(Sampler):
 
 
 class SeededDataset(Dataset):
-    """Takes ``(epoch, index)`` and seeds torch / random from ``(seed, epoch, index)`` before loading."""
+    """Takes ``(epoch, index)`` and loads the sample with torch / random seeded from ``(seed, epoch, index)``.
+
+    The global generators are left as they were: with no loader workers, loading runs in the training process,
+    where the model may draw from the same generators (e.g. the RPN / RoI samplers of Mask R-CNN)."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -58,9 +61,14 @@ class SeededDataset(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
-        torch.manual_seed(sample_seed)
-        random.seed(sample_seed)
-        return self.dataset[index]
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                torch.manual_seed(sample_seed)
+                random.seed(sample_seed)
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
 
 
 def shard_indices(dataset_size: int, rank: int, world_size: int) -> list[int]:

@@ -1,0 +1,476 @@
+#!/usr/bin/env python
+"""COCO Mask R-CNN R50-FPN with the normalization of your choice: MABN, BN, BRN, SyncBN, GN or frozen BN.
+
+    torchrun --nproc_per_node=8 det/train.py --config configs/det/scratch_mabn_2.yaml DATA.ROOT /data/coco
+    torchrun --nproc_per_node=8 det/train.py --config configs/det/scratch_mabn_2.yaml --test-only MODEL.WEIGHTS runs/x/model_final.pth
+    python det/train.py --config configs/det/shapes/mabn_2.yaml                # one process, CPU, generated shapes
+
+Training is iteration-based (``SOLVER.MAX_ITER`` iterations of ``SOLVER.IMS_PER_GPU`` images per process,
+aspect-ratio grouped), evaluated with pycocotools (box and mask AP). Trailing ``KEY VALUE`` pairs override
+the config. A run resumes from ``OUTPUT_DIR/checkpoint.pth`` when one exists (or from ``--resume PATH``),
+exactly where it stopped. Everything a run writes goes to ``OUTPUT_DIR``: ``config.yaml`` (the resolved
+config), ``log.txt`` (with the COCO AP tables), ``tensorboard/``, ``checkpoint.pth``, ``metrics.json``
+(box / mask AP, AP50, AP75 of the latest evaluation) and finally ``model_final.pth``; ``--test-only``
+writes ``eval.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Sampler, Subset
+
+from det.backbone_weights import load_backbone_weights
+from det.coco import CocoDetection
+from det.config import get_default_config
+from det.evaluation import IOU_TYPES, CocoEvaluator, write_json
+from det.model import NO_NORM, build_mask_rcnn
+from det.sampler import GroupedBatchSampler, aspect_ratio_group_ids, collate_fn
+from det.transforms import build_transforms
+from mabn.checkpoint import (
+    CheckpointError, gather_rank_states, load_checkpoint, model_state_dict, own_rank_state, save_checkpoint, set_rng_states,
+)
+from mabn.config import CfgNode, ConfigError
+from mabn.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, barrier
+from mabn.launch import NonFiniteLossError, autocast, run
+from mabn.layers.factory import NORMS, is_norm
+from mabn.run_log import RunLogger, progress
+from mabn.sampling import SeededDataset, shard_indices
+from mabn.solver import LRSchedule, build_scheduler, build_sgd, linear_scaled_lr
+
+# The lines of COCOeval's output worth keeping in the log: the 12-line AP / AR table of each IoU type.
+TABLE_LINES = ("IoU metric", " Average Precision", " Average Recall", "no detections")
+
+
+def check_config(cfg: CfgNode, test_only: bool = False) -> None:
+    """Cross-key constraints that types alone cannot express; each error names the keys involved."""
+    m, s, d = cfg.MODEL, cfg.SOLVER, cfg.DATA
+    if m.HEAD_NORM is not None and m.HEAD_NORM != NO_NORM and m.HEAD_NORM not in NORMS:
+        raise ConfigError(f"MODEL.HEAD_NORM {m.HEAD_NORM!r} must be {NO_NORM!r} or one of {', '.join(NORMS)}")
+    if not 0 <= m.TRAINABLE_BACKBONE_LAYERS <= 5:
+        raise ConfigError(f"MODEL.TRAINABLE_BACKBONE_LAYERS must be in 0..5, got {m.TRAINABLE_BACKBONE_LAYERS}")
+    if m.NUM_CLASSES is not None and m.NUM_CLASSES < 2:
+        raise ConfigError(f"MODEL.NUM_CLASSES counts the background too and must be at least 2, got {m.NUM_CLASSES}")
+    if m.BACKBONE_WEIGHTS and m.WEIGHTS:
+        raise ConfigError("set MODEL.BACKBONE_WEIGHTS (ImageNet body) or MODEL.WEIGHTS (whole detector), not both")
+    if m.NORM == "frozenbn" and not (m.BACKBONE_WEIGHTS or m.WEIGHTS or test_only):
+        raise ConfigError("MODEL.NORM frozenbn keeps pretrained statistics: set MODEL.BACKBONE_WEIGHTS (or MODEL.WEIGHTS)")
+    if len(d.TRAIN_IMAGES) != len(d.TRAIN_ANNOTATIONS) or not d.TRAIN_IMAGES:
+        raise ConfigError(f"DATA.TRAIN_IMAGES ({len(d.TRAIN_IMAGES)} entries) and DATA.TRAIN_ANNOTATIONS "
+                          f"({len(d.TRAIN_ANNOTATIONS)}) must pair up, at least one set")
+    for key in ("MAX_ITER", "IMS_PER_GPU", "REFERENCE_BATCH"):
+        if s[key] < 1:
+            raise ConfigError(f"SOLVER.{key} must be positive, got {s[key]}")
+    if list(s.STEPS) != sorted(s.STEPS) or any(step <= 0 for step in s.STEPS):
+        raise ConfigError(f"SOLVER.STEPS must be increasing positive iterations, got {list(s.STEPS)}")
+    if s.WARMUP_ITERS < 0 or not 0.0 < s.WARMUP_FACTOR <= 1.0:
+        raise ConfigError(f"SOLVER.WARMUP_ITERS must be >= 0 and SOLVER.WARMUP_FACTOR in (0, 1], got "
+                          f"{s.WARMUP_ITERS} and {s.WARMUP_FACTOR}")
+    if cfg.TEST.IMS_PER_GPU < 1:
+        raise ConfigError(f"TEST.IMS_PER_GPU must be positive, got {cfg.TEST.IMS_PER_GPU}")
+    for key in ("DATA.WORKERS", "TEST.EVAL_PERIOD", "CHECKPOINT.PERIOD", "LOG.PERIOD"):
+        section, name = key.split(".")
+        if cfg[section][name] < (1 if key == "LOG.PERIOD" else 0):
+            raise ConfigError(f"{key} must be {'positive' if key == 'LOG.PERIOD' else 'non-negative'}, got {cfg[section][name]}")
+
+
+# ----------------------------------------------------------------------------- data
+def data_path(cfg: CfgNode, path: str) -> str:
+    return os.path.join(cfg.DATA.ROOT, path)  # an absolute path stays as it is
+
+
+def coco_set(cfg: CfgNode, images_key: str, annotations_key: str, index: int | None, train: bool) -> CocoDetection:
+    """One COCO-format set; a missing or malformed file becomes a ConfigError naming the key and the file."""
+    images, annotations = cfg.DATA[images_key], cfg.DATA[annotations_key]
+    if index is not None:
+        images, annotations = images[index], annotations[index]
+        images_key, annotations_key = f"{images_key}[{index}]", f"{annotations_key}[{index}]"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' loading chatter
+            return CocoDetection(data_path(cfg, images), data_path(cfg, annotations), build_transforms(train), train)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"DATA.{images_key} / DATA.{annotations_key} (DATA.ROOT {cfg.DATA.ROOT!r}): {e}") from None
+
+
+def check_categories(reference: CocoDetection, other: CocoDetection) -> None:
+    if other.label_to_category_id != reference.label_to_category_id:
+        raise ConfigError(f"{other.annotation_file} and {reference.annotation_file} have different categories; "
+                          "every training set and the validation set must share one category list")
+
+
+def build_val_set(cfg: CfgNode) -> CocoDetection:
+    return coco_set(cfg, "VAL_IMAGES", "VAL_ANNOTATIONS", None, train=False)
+
+
+def build_train_set(cfg: CfgNode, val_set: CocoDetection) -> tuple[torch.utils.data.Dataset, list[int]]:
+    """The training sets, concatenated, and the aspect-ratio group of every image."""
+    parts = [coco_set(cfg, "TRAIN_IMAGES", "TRAIN_ANNOTATIONS", i, train=True) for i in range(len(cfg.DATA.TRAIN_IMAGES))]
+    group_ids = []
+    for part in parts:
+        check_categories(val_set, part)
+        if len(part) == 0:
+            raise ConfigError(f"{part.annotation_file} has no image with a usable (non-crowd, non-empty) annotation")
+        group_ids += aspect_ratio_group_ids(part)
+    return (parts[0] if len(parts) == 1 else ConcatDataset(parts)), group_ids
+
+
+class ResumableGroupedBatches(Sampler):
+    """The aspect-ratio grouped batches of one epoch, from any batch on, as lists of ``(epoch, index)`` keys.
+
+    The order is a function of (seed, epoch, rank) alone: ``DistributedSampler`` shuffles with ``seed + epoch``
+    and :class:`det.sampler.GroupedBatchSampler` groups deterministically, so a resumed run recomputes the
+    epoch and skips the batches it has trained on.
+    """
+
+    def __init__(self, group_ids: list[int], batch_size: int, rank: int, world_size: int, seed: int):
+        self.shuffled = DistributedSampler(group_ids, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.grouped = GroupedBatchSampler(self.shuffled, group_ids, batch_size)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+        self.shuffled.set_epoch(epoch)
+
+    def batches_per_epoch(self) -> int:
+        return len(self.grouped)  # the same on every rank (GroupedBatchSampler pads the shorter shards)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.grouped):
+            if i >= self.start_batch:
+                yield [(self.epoch, index) for index in batch]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start_batch)
+
+
+def loader_generator(cfg: CfgNode, info: DistInfo) -> torch.Generator:
+    # Each DataLoader iterator draws a worker base seed; from its own generator, not from the global one the
+    # model uses, so that starting an epoch (or resuming mid-epoch) does not shift the model's random numbers.
+    return torch.Generator().manual_seed(cfg.SEED * 1_000_003 + info.rank)
+
+
+def build_train_loader(cfg: CfgNode, info: DistInfo, train_set, group_ids: list[int]):
+    batches = ResumableGroupedBatches(group_ids, cfg.SOLVER.IMS_PER_GPU, info.rank, info.world_size, cfg.SEED)
+    workers = cfg.DATA.WORKERS
+    loader = DataLoader(
+        SeededDataset(train_set, cfg.SEED), batch_sampler=batches, collate_fn=collate_fn, num_workers=workers,
+        pin_memory=info.device.type == "cuda", persistent_workers=workers > 0, generator=loader_generator(cfg, info),
+    )
+    return batches, loader
+
+
+def build_val_loader(cfg: CfgNode, info: DistInfo, val_set: CocoDetection) -> DataLoader:
+    """Rank r evaluates images r, r + world_size, ...: each image exactly once over all ranks."""
+    return DataLoader(
+        Subset(val_set, shard_indices(len(val_set), info.rank, info.world_size)), batch_size=cfg.TEST.IMS_PER_GPU,
+        shuffle=False, collate_fn=collate_fn, num_workers=cfg.DATA.WORKERS, pin_memory=info.device.type == "cuda",
+        generator=loader_generator(cfg, info),
+    )
+
+
+# ----------------------------------------------------------------------------- model
+def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
+    m = cfg.MODEL
+    rpn, roi = m.RPN, m.ROI_HEADS
+    try:
+        return build_mask_rcnn(
+            num_classes, m.NORM, dict(m.NORM_OPTIONS), m.CENTERED_CONVS, m.HEAD_NORM, m.MIN_SIZE, m.MAX_SIZE,
+            m.TRAINABLE_BACKBONE_LAYERS,
+            rpn_pre_nms_top_n_train=rpn.PRE_NMS_TOP_N_TRAIN, rpn_pre_nms_top_n_test=rpn.PRE_NMS_TOP_N_TEST,
+            rpn_post_nms_top_n_train=rpn.POST_NMS_TOP_N_TRAIN, rpn_post_nms_top_n_test=rpn.POST_NMS_TOP_N_TEST,
+            rpn_nms_thresh=rpn.NMS_THRESH, rpn_fg_iou_thresh=rpn.FG_IOU_THRESH, rpn_bg_iou_thresh=rpn.BG_IOU_THRESH,
+            rpn_batch_size_per_image=rpn.BATCH_SIZE_PER_IMAGE, rpn_positive_fraction=rpn.POSITIVE_FRACTION,
+            box_batch_size_per_image=roi.BATCH_SIZE_PER_IMAGE, box_positive_fraction=roi.POSITIVE_FRACTION,
+            box_fg_iou_thresh=roi.FG_IOU_THRESH, box_bg_iou_thresh=roi.BG_IOU_THRESH,
+            box_score_thresh=roi.SCORE_THRESH_TEST, box_nms_thresh=roi.NMS_THRESH_TEST,
+            box_detections_per_img=roi.DETECTIONS_PER_IMG,
+        )
+    except ValueError as e:  # an unknown norm option, a channel count GN cannot split, ...
+        raise ConfigError(f"MODEL.NORM {m.NORM!r} / MODEL.HEAD_NORM / MODEL.NORM_OPTIONS {dict(m.NORM_OPTIONS)}: {e}") from None
+
+
+def load_weights(model: nn.Module, path: str, key: str) -> None:
+    """Weights of a checkpoint of this trainer into ``model``; ``key`` names where the path came from."""
+    try:
+        weights = model_state_dict(load_checkpoint(path), path)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ConfigError(f"{key}: cannot load {path} into this Mask R-CNN (MODEL.NORM, HEAD_NORM, CENTERED_CONVS "
+                          f"and the categories must match the run that saved it): {e}") from None
+
+
+def load_backbone(model: nn.Module, path: str, log: RunLogger) -> None:
+    try:
+        report = load_backbone_weights(model, path)
+    except (RuntimeError, ValueError) as e:  # unreadable file, keys or shapes that do not fit the body
+        raise ConfigError(f"MODEL.BACKBONE_WEIGHTS: {e}") from None
+    groups: dict[str, int] = {}
+    for key in report["new"]:
+        prefix = ".".join(key.split(".")[:2])
+        groups[prefix] = groups.get(prefix, 0) + 1
+    log.info(f"backbone weights {path}: {len(report['loaded'])} body tensors loaded; "
+             f"{len(report['reset'])} norm progress buffers restarted; new (initialized here): "
+             + ", ".join(f"{prefix} ({n})" for prefix, n in groups.items()))
+
+
+def frozen_norms(model: nn.Module) -> list[nn.Module]:
+    """Norms of the body stages left out of training (TRAINABLE_BACKBONE_LAYERS < 5): they must stay in eval
+    mode, or BN / MABN would keep updating statistics that no longer match their frozen affine parameters."""
+    return [module for module in model.backbone.body.modules()
+            if is_norm(module) and not any(p.requires_grad for p in module.parameters())]
+
+
+# ----------------------------------------------------------------------------- evaluate
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, val_set: CocoDetection, cfg: CfgNode, info: DistInfo,
+             log: RunLogger, show: bool) -> dict:
+    """COCO box and mask metrics (percent) of the whole validation set, each rank predicting its shard."""
+    model.eval()
+    evaluator = CocoEvaluator(val_set.coco, IOU_TYPES, val_set.label_to_category_id)
+    for images, targets in progress(loader, show, total=len(loader), desc="eval"):
+        images = [image.to(info.device, non_blocking=True) for image in images]
+        with autocast(cfg.SOLVER.AMP, info.device):
+            outputs = model(images)
+        # float32 on the CPU, whatever autocast produced on the device
+        outputs = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in o.items()} for o in outputs]
+        evaluator.update({int(t["image_id"]): o for t, o in zip(targets, outputs)})
+    evaluator.synchronize()
+    if len(evaluator.results["bbox"]) != len(val_set):
+        raise RuntimeError(f"evaluated {len(evaluator.results['bbox'])} images, expected {len(val_set)}")
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        metrics = evaluator.evaluate()
+    table = [line for line in output.getvalue().splitlines() if line.startswith(TABLE_LINES)]
+    log.info(f"COCO evaluation of {len(val_set)} images ({val_set.annotation_file}):\n" + "\n".join(table))
+    return metrics
+
+
+def num_classes(cfg: CfgNode, dataset: CocoDetection) -> int:
+    """MODEL.NUM_CLASSES, or the categories of the annotations + background, which it must equal if set."""
+    if cfg.MODEL.NUM_CLASSES not in (None, dataset.num_classes):
+        raise ConfigError(f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES} but {dataset.annotation_file} has "
+                          f"{dataset.num_classes - 1} categories + background")
+    return dataset.num_classes
+
+
+def headline(metrics: dict) -> str:
+    return "  ".join(f"{t} AP {metrics[t]['AP']:.1f} AP50 {metrics[t]['AP50']:.1f} AP75 {metrics[t]['AP75']:.1f}" for t in IOU_TYPES)
+
+
+# ----------------------------------------------------------------------------- train
+class Trainer:
+    def __init__(self, cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None):
+        self.cfg, self.info, self.log = cfg, info, log
+        self.show = info.is_main and cfg.LOG.PROGRESS
+        self.val_set = build_val_set(cfg)
+        train_set, group_ids = build_train_set(cfg, self.val_set)
+        self.batches, self.train_loader = build_train_loader(cfg, info, train_set, group_ids)
+        self.val_loader = build_val_loader(cfg, info, self.val_set)
+        self.max_iter = cfg.SOLVER.MAX_ITER
+
+        self.checkpoint_path = os.path.join(cfg.OUTPUT_DIR, "checkpoint.pth")
+        if resume == "" or (resume is None and os.path.isfile(self.checkpoint_path)):
+            resume = self.checkpoint_path  # --resume without a path, or a run that was interrupted
+
+        torch.manual_seed(cfg.SEED)  # identical initial weights on every rank
+        self.model = build_model(cfg, num_classes(cfg, self.val_set)).to(info.device)
+        if not resume:  # a checkpoint holds everything; the initial weights may since have moved
+            if cfg.MODEL.BACKBONE_WEIGHTS:
+                load_backbone(self.model, cfg.MODEL.BACKBONE_WEIGHTS, log)
+            if cfg.MODEL.WEIGHTS:
+                load_weights(self.model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+        self.frozen_norms = frozen_norms(self.model)
+        torch.manual_seed(cfg.SEED + 1 + info.rank)  # from here on, each rank draws its own RPN / RoI samples
+
+        s = cfg.SOLVER
+        self.lr = linear_scaled_lr(s.BASE_LR, s.IMS_PER_GPU * info.world_size, s.REFERENCE_BATCH)
+        self.optimizer = build_sgd(self.model, self.lr, s.MOMENTUM, s.WEIGHT_DECAY, s.NORM_WEIGHT_DECAY)
+        schedule = LRSchedule("step", self.max_iter, s.STEPS, s.GAMMA, s.WARMUP_ITERS, s.WARMUP_FACTOR)
+        self.scheduler = build_scheduler(self.optimizer, schedule)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=s.AMP == "fp16")
+        self.iter, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.metrics: dict = {}
+        if resume:
+            self._restore(resume)
+        self.ddp = self.model
+        if info.enabled:
+            # MABN keeps per-rank windows: buffers must not be overwritten by rank 0's on every forward.
+            # (torch 2.14 deprecates broadcast_buffers, but its successor still syncs buffers at init.)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.ddp = nn.parallel.DistributedDataParallel(
+                    self.model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                    broadcast_buffers=False, find_unused_parameters=cfg.DIST.FIND_UNUSED_PARAMETERS,
+                )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, ranks: list[dict]) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "iter": self.iter, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "rng": ranks[0]["rng"], "ranks": ranks, "config": self.cfg.dump(), "metrics": self.metrics,
+        }
+
+    def _restore(self, path: str) -> None:
+        try:
+            state = load_checkpoint(path, map_location=self.info.device)
+        except (FileNotFoundError, CheckpointError) as e:
+            raise ConfigError(f"--resume: {e}") from None
+        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "iter", "epoch", "batch_in_epoch", "rng") if k not in state]
+        if missing:
+            raise ConfigError(f"{path} is not a checkpoint of this trainer (missing {missing}); use MODEL.WEIGHTS to start from weights")
+        ranks = state.get("ranks", [])
+        own = own_rank_state(state, self.info.rank, self.info.world_size)
+        self.model.load_state_dict({**state["model"], **(own["buffers"] if own else {})})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iter, self.epoch, self.batch_in_epoch = state["iter"], state["epoch"], state["batch_in_epoch"]
+        self.metrics = state.get("metrics", {})
+        set_rng_states(own["rng"] if own else state["rng"])
+        self.log.info(f"resumed from {path} at iteration {self.iter} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+        if own is None:
+            self.log.info(f"the checkpoint was saved by {len(ranks)} process(es), this run has {self.info.world_size}: "
+                          "every rank starts from rank 0's random state and norm buffers (not an exact resume)")
+
+    def save(self) -> None:
+        if self.cfg.DIST.AVERAGE_NORM_STATS:
+            average_norm_statistics(self.model)
+        ranks = gather_rank_states(self.model)  # MABN's windows and the RNG states differ between ranks
+        if self.info.is_main:
+            save_checkpoint(self._state(ranks), self.checkpoint_path)
+        barrier()
+
+    # ------------------------------------------------------------------ loop
+    def train_mode(self) -> None:
+        self.ddp.train()
+        for module in self.frozen_norms:
+            module.eval()
+
+    def evaluate(self) -> dict:
+        if self.cfg.DIST.AVERAGE_NORM_STATS:
+            average_norm_statistics(self.model)
+        metrics = evaluate(self.model, self.val_loader, self.val_set, self.cfg, self.info, self.log, self.show)
+        self.log.info(f"eval at iteration {self.iter}: {headline(metrics)}")
+        for iou_type in IOU_TYPES:
+            self.log.scalars(metrics[iou_type], self.iter, f"val/{iou_type}/")
+        self.metrics = {**metrics, "iter": self.iter}
+        if self.info.is_main:
+            # metrics.json: box_AP, ..., mask_AP75, the bbox / segm dicts and the progress of the run
+            write_json({**metrics, "iter": self.iter, "max_iter": self.max_iter, "finished": self.iter >= self.max_iter},
+                       os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))
+        self.train_mode()
+        return metrics
+
+    def _batches(self):
+        """Batches from (epoch, batch_in_epoch) on, epoch after epoch; the loop counts batch_in_epoch."""
+        while True:
+            self.batches.set_epoch(self.epoch, self.batch_in_epoch)
+            yield from self.train_loader
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def step(self, images: list, targets: list) -> dict:
+        info = self.info
+        images = [image.to(info.device, non_blocking=True) for image in images]
+        targets = [{k: v.to(info.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with autocast(self.cfg.SOLVER.AMP, info.device):
+            losses = self.ddp(images, targets)
+        loss = sum(losses.values())
+        if not all_finite(loss):
+            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at iteration {self.iter} ({terms}); stopping. "
+                f"The last good checkpoint is {self.checkpoint_path}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+    def _log_window(self, window: dict, losses: dict, lr: float) -> None:
+        # Every rank takes part in the reduction: the logged losses are the means over all ranks.
+        names = list(losses)
+        values = all_reduce_sum(torch.stack([losses[k].float() for k in names])) / self.info.world_size
+        elapsed = time.time() - window["start"]
+        iter_time = elapsed / window["iters"]
+        scalars = {**dict(zip(names, values.tolist())), "lr": lr, "iter_time": iter_time,
+                   "data_time": window["data"] / window["iters"],
+                   "images_per_s": window["iters"] * self.cfg.SOLVER.IMS_PER_GPU * self.info.world_size / max(elapsed, 1e-9)}
+        self.log.scalars(scalars, self.iter, "train/")
+        eta = int(iter_time * (self.max_iter - self.iter))
+        terms = "  ".join(f"{k} {scalars[k]:.4f}" for k in names)
+        self.log.info(f"iter {self.iter}/{self.max_iter}  {terms}  lr {scalars['lr']:.5f}  {iter_time:.3f}s/iter "
+                      f"(data {scalars['data_time']:.3f}s)  eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+        window.update(iters=0, data=0.0, start=time.time())
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.log.info(f"training {self.max_iter} iterations ({self.batches.batches_per_epoch()} per epoch) at lr {self.lr:g} "
+                      f"on {self.info.world_size} process(es) x {cfg.SOLVER.IMS_PER_GPU} images, norm {cfg.MODEL.NORM}")
+        self.train_mode()
+        window = {"iters": 0, "data": 0.0, "start": time.time()}
+        end = time.time()
+        if self.iter < self.max_iter:
+            bar = progress(self._batches(), self.show, total=self.max_iter, desc="train", initial=self.iter)
+            for images, targets in bar:
+                window["data"] += time.time() - end
+                lr = self.optimizer.param_groups[0]["lr"]  # this iteration's; the scheduler steps after it
+                losses = self.step(images, targets)
+                self.iter += 1
+                self.batch_in_epoch += 1
+                window["iters"] += 1
+                if self.iter % cfg.LOG.PERIOD == 0 or self.iter == self.max_iter:
+                    self._log_window(window, losses, lr)
+                if self.iter >= self.max_iter:
+                    break
+                evaluate = cfg.TEST.EVAL_PERIOD and self.iter % cfg.TEST.EVAL_PERIOD == 0
+                save = cfg.CHECKPOINT.PERIOD and self.iter % cfg.CHECKPOINT.PERIOD == 0
+                if evaluate:
+                    self.evaluate()
+                if save:
+                    self.save()
+                if evaluate or save:  # keep their time out of the iteration times
+                    window.update(iters=0, data=0.0, start=time.time())
+                end = time.time()
+        if self.metrics.get("iter") != self.iter:  # not when rerunning a finished run
+            self.evaluate()
+        self.save()
+        if self.info.is_main:
+            final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+            save_checkpoint({"model": self.model.state_dict(), "config": cfg.dump(), "metrics": self.metrics}, final)
+            self.log.info(f"saved {final}")
+        return self.metrics
+
+
+def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | None) -> dict:
+    path = checkpoint or cfg.MODEL.WEIGHTS
+    if not path:
+        raise ConfigError("--test-only needs --checkpoint PATH or MODEL.WEIGHTS")
+    val_set = build_val_set(cfg)
+    model = build_model(cfg, num_classes(cfg, val_set)).to(info.device)
+    load_weights(model, path, "--checkpoint" if checkpoint else "MODEL.WEIGHTS")
+    metrics = evaluate(model, build_val_loader(cfg, info, val_set), val_set, cfg, info, log, info.is_main and cfg.LOG.PROGRESS)
+    log.info(f"{path}: {headline(metrics)}")
+    if info.is_main:
+        write_json({**metrics, "checkpoint": os.path.abspath(path)}, os.path.join(cfg.OUTPUT_DIR, "eval.json"))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(argv, __doc__, get_default_config, check_config,
+               lambda cfg, info, log, resume: Trainer(cfg, info, log, resume).fit(), test_only)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
