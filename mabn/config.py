@@ -217,6 +217,8 @@ def _join(path: str, key: str) -> str:
 
 
 def _parse_scalar(raw: str):
+    if raw == "":
+        return raw  # `KEY ""` clears a string key; YAML would read it as null
     try:
         return yaml.safe_load(raw) if isinstance(raw, str) else raw
     except yaml.YAMLError:

@@ -29,6 +29,8 @@ def test_defaults_file_bases_and_overrides_compose(tmp_path):
     assert cfg.MODEL.NORM == "mabn" and cfg.MODEL.NORM_BATCH_SIZE == 2
     assert dict(cfg.MODEL.NORM_OPTIONS) == {"buffer_size": 16, "warmup_iters": 10}
     assert cfg.OUTPUT_DIR == "runs/y"
+    assert load_config(_defaults(), row, ["OUTPUT_DIR", ""]).OUTPUT_DIR == ""  # `KEY ""` clears a string, not null
+    assert load_config(_defaults(), row, ["MODEL.NORM_BATCH_SIZE", "null"]).MODEL.NORM_BATCH_SIZE is None
     assert base  # the base file itself is untouched by loading
     saved = tmp_path / "out" / "config.yaml"
     cfg.save(str(saved))
