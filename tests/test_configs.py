@@ -9,11 +9,19 @@ import yaml
 import mabn
 from cls.config import get_default_config as cls_defaults
 from cls.train import build_model, check_config
+from det.config import get_default_config as det_defaults
+from det.train import build_model as build_detector
+from det.train import check_config as check_det_config
 from mabn.config import load_config
 from mabn.solver import build_sgd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "cls", "**", "*.yaml"), recursive=True))
+DET_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "det", "**", "*.yaml"), recursive=True))
+DET_ROWS = {  # the paper's COCO table (+ GN): norm, normalization batch per GPU
+    "scratch_bn_2": "bn", "scratch_brn_2": "brn", "scratch_syncbn_2x8": "syncbn", "scratch_mabn_2": "mabn",
+    "finetune_syncbn_2x8": "syncbn", "finetune_mabn_2": "mabn", "scratch_gn": "gn",
+}
 IMAGENET_ROWS = [f"{n}_b{b}" for n in ("bn", "brn") for b in (32, 16, 8, 4, 2)] + [f"mabn_b{b}" for b in (32, 16, 8, 4, 2, 1)] + ["gn", "ln", "in"]
 FASHION_ROWS = ["bn_b32", "bn_b2", "brn_b2", "mabn_b2", "bn_b1", "brn_b1", "mabn_b1"]
 
@@ -50,13 +58,14 @@ def test_every_row_of_the_paper_has_a_config():
         assert f"cls/fashion_mnist/{row}.yaml" in names
 
 
-@pytest.mark.parametrize("path", CLS_CONFIGS, ids=_rel)
+@pytest.mark.parametrize("path", CLS_CONFIGS + DET_CONFIGS, ids=_rel)
 def test_config_does_not_restate_its_base(path):
     with open(path) as f:
         values = yaml.safe_load(f) or {}
     if "_BASE_" not in values:
         return
-    base = load_config(cls_defaults(), os.path.join(os.path.dirname(path), values["_BASE_"]))
+    defaults = det_defaults if _rel(path).startswith("det/") else cls_defaults
+    base = load_config(defaults(), os.path.join(os.path.dirname(path), values["_BASE_"]))
     for key, value in _leaves(values):
         inherited = _lookup(base, key)
         assert inherited is KeyError or inherited != value, f"{_rel(path)} repeats {key} = {value!r} from its base"
@@ -129,3 +138,53 @@ def test_ablation_rows_span_the_four_switches():
         assert (cfg.MODEL.NORM, cfg.MODEL.NORM_BATCH_SIZE, o["buffer_size"]) == ("mabn", 2, 16)
         seen.add(switches)
     assert len(seen) == 16
+
+
+# ----------------------------------------------------------------------------- detection
+def test_every_coco_row_has_a_config():
+    names = {_rel(p) for p in DET_CONFIGS}
+    for row in DET_ROWS:
+        assert f"det/{row}.yaml" in names
+
+
+@pytest.mark.parametrize("row,norm", list(DET_ROWS.items()))
+def test_coco_configs_state_the_published_recipe(row, norm):
+    cfg = load_config(det_defaults(), os.path.join(ROOT, "configs", "det", f"{row}.yaml"))
+    check_det_config(cfg)
+    s, m = cfg.SOLVER, cfg.MODEL
+    assert (s.MAX_ITER, s.STEPS, s.GAMMA, s.BASE_LR, s.REFERENCE_BATCH, s.IMS_PER_GPU) == (180000, [120000, 160000], 0.1, 0.02, 16, 2)
+    assert (s.WARMUP_ITERS, s.MOMENTUM, s.WEIGHT_DECAY, s.NORM_WEIGHT_DECAY) == (500, 0.9, 1e-4, None)
+    assert s.WARMUP_FACTOR == pytest.approx(1 / 3)
+    assert (m.MIN_SIZE, m.MAX_SIZE, m.ROI_HEADS.BATCH_SIZE_PER_IMAGE, m.RPN.POST_NMS_TOP_N_TEST) == (800, 1333, 512, 1000)
+    assert (m.NORM, m.TRAINABLE_BACKBONE_LAYERS, m.HEAD_NORM) == (norm, 5, None)  # norm everywhere, nothing frozen
+    assert (cfg.DATA.TRAIN_IMAGES, cfg.DATA.VAL_IMAGES) == (["train2017"], "val2017")
+    assert bool(m.BACKBONE_WEIGHTS) == row.startswith("finetune")
+    if norm == "mabn":
+        assert m.CENTERED_CONVS and m.NORM_OPTIONS["buffer_size"] == 16  # b = 2 images per GPU, m = 16
+
+
+def _detection_step(cfg):
+    torch.manual_seed(0)
+    model = build_detector(cfg, 3)
+    optimizer = build_sgd(model, 0.001, cfg.SOLVER.MOMENTUM, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.NORM_WEIGHT_DECAY)
+    images = [torch.rand(3, 64, 80) for _ in range(cfg.SOLVER.IMS_PER_GPU)]
+    mask = torch.zeros(1, 64, 80, dtype=torch.uint8)
+    mask[0, 10:40, 20:60] = 1
+    targets = [{"boxes": torch.tensor([[20.0, 10.0, 60.0, 40.0]]), "labels": torch.tensor([1]), "masks": mask} for _ in images]
+    model.train()
+    losses = model(images, targets)
+    loss = sum(losses.values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+@pytest.mark.parametrize("path", DET_CONFIGS, ids=_rel)
+def test_det_config_builds_its_model_and_takes_a_training_step(path):
+    cfg = load_config(det_defaults(), path)
+    check_det_config(cfg)
+    # tiny images and few RoIs; fine-tune rows without their (absent) ImageNet weights
+    small = load_config(det_defaults(), path, ["MODEL.MIN_SIZE", "64", "MODEL.MAX_SIZE", "96", "MODEL.BACKBONE_WEIGHTS", "",
+                                               "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.POST_NMS_TOP_N_TRAIN", "100"])
+    assert torch.isfinite(_detection_step(small))
