@@ -9,16 +9,17 @@ block outputs) and a detection shape (N = 2, 256x200x272). Layers: MABN2d with t
 the reference path, BRN, GN, and the grouped b = 2 variants of BN, BRN and MABN (N = 32). Every layer runs
 once per round, rounds repeat, and the median is reported: these machines are noisy, so only ratios
 measured side by side mean anything. Peak memory is what one forward + backward allocates on top of its
-input and output gradient (CUDA: allocator statistics; CPU, Linux: the peak resident size, with glibc
-told to map every allocation of 64 KiB or more on its own so that freed memory leaves the process).
+input and output gradient (CUDA: allocator statistics; CPU, Linux: the peak resident size, in a child
+process whose glibc maps every allocation of 64 KiB or more on its own, so that freed memory leaves it).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
+import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -68,10 +69,15 @@ def _proc_status(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
 
 
-def cpu_memory_tracking() -> None:
-    """Make the process's resident size follow its live tensors (Linux/glibc): every allocation of 64 KiB or
-    more gets its own mapping, returned to the system when freed, so the peak RSS of a step is its peak."""
-    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; fixed, not adaptive
+def cpu_memories(shapes) -> list[dict]:
+    """CPU peak memories, measured in a child process whose glibc maps every allocation of 64 KiB or more
+    on its own (MALLOC_MMAP_THRESHOLD_), so that its resident size follows its live tensors; the timings
+    run without that setting, which slows allocation down."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    indices = [str(SHAPES.index(tuple(s))) for s in shapes]
+    child = subprocess.run([sys.executable, __file__, "--device", "cpu", "--memory-only", "--shapes", *indices],
+                           env=env, capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def peak_memory(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> int:
@@ -85,13 +91,14 @@ def peak_memory(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident size (VmHWM)
+        f.write("5")  # reset the peak resident size (VmHWM); see cpu_memories
     base = _proc_status("VmRSS")
     step(layer, x, dy)
     return _proc_status("VmHWM") - base
 
 
 def bench_shape(shape, device: torch.device, repeats: int) -> dict:
+    """Median forward + backward time of every layer on ``shape``, each layer once per round."""
     n, c, h, w = shape
     torch.manual_seed(0)
     x = torch.randn(shape, device=device)
@@ -108,14 +115,25 @@ def bench_shape(shape, device: torch.device, repeats: int) -> dict:
             step(layer, x, dy)
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    result = {"shape": list(shape), "layers": {}}
     bn_time = statistics.median(times["BN"])
-    bn_memory = peak_memory(layers["BN"], x, dy)
-    for name, layer in layers.items():
-        t = statistics.median(times[name])
-        memory = peak_memory(layer, x, dy)
-        result["layers"][name] = {"ms": 1e3 * t, "time_ratio": t / bn_time, "peak_mb": memory / 2**20, "memory_ratio": memory / bn_memory}
-    return result
+    return {"shape": list(shape), "layers": {
+        name: {"ms": 1e3 * statistics.median(t), "time_ratio": statistics.median(t) / bn_time} for name, t in times.items()
+    }}
+
+
+def memories(shape, device: torch.device) -> dict:
+    """Peak memory of every layer on ``shape``: ``{name: bytes}``."""
+    x = torch.randn(shape, device=device)
+    dy = torch.randn(shape, device=device)
+    layers = {name: layer.to(device) for name, layer in layers_for(shape[1], shape[0]).items()}
+    for layer in layers.values():
+        step(layer, x, dy)
+    return {name: peak_memory(layer, x, dy) for name, layer in layers.items()}
+
+
+def add_memory(result: dict, memory: dict) -> None:
+    for name, entry in result["layers"].items():
+        entry.update(peak_mb=memory[name] / 2**20, memory_ratio=memory[name] / memory["BN"])
 
 
 def print_table(device: torch.device, results: list[dict]) -> None:
@@ -142,9 +160,10 @@ def print_table(device: torch.device, results: list[dict]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--shapes", type=int, nargs="+", help="indices into the shape list (default: all)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of cpu_memories
     args = parser.parse_args(argv)
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
     if args.device in ("cuda", "all") and torch.cuda.is_available():
@@ -152,11 +171,15 @@ def main(argv=None) -> int:
     elif args.device == "cuda":
         parser.error("CUDA is not available")
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
-    if torch.device("cpu") in devices:
-        cpu_memory_tracking()
+    if args.memory_only:
+        print(json.dumps([memories(shape, torch.device("cpu")) for shape in shapes]))
+        return 0
     report = {}
     for device in devices:
         results = [bench_shape(shape, device, args.repeats) for shape in shapes]
+        found = cpu_memories(shapes) if device.type == "cpu" else [memories(s, device) for s in shapes]
+        for result, memory in zip(results, found):
+            add_memory(result, memory)
         print_table(device, results)
         report[device.type] = results
         sys.stdout.flush()
