@@ -5,6 +5,10 @@ and the trainer against a minimal plain PyTorch loop on the same model, data and
     python scripts/bench_train.py                          # CPU defaults: ResNet-50 at 64 px
     python scripts/bench_train.py --device cuda --size 224 --steps 50
 
+At 224 px it also turns each measured throughput into the expected cost of one ImageNet run of the paper
+(120 epochs of 1,281,167 images): device-hours, and wall hours on 8 such devices, assuming the data
+pipeline keeps up and 8 devices scale linearly (an estimate, not a measurement of a whole run).
+
 Every configuration is built once; then, round after round, each trains one timed epoch of ``--steps``
 steps (after an untimed warm-up epoch), and the median over rounds is reported. Same process, side by
 side: the only comparison these noisy machines allow.
@@ -26,6 +30,7 @@ from cls.train import Trainer, build_model
 from mabn.distributed import init_distributed
 from mabn.run_log import RunLogger
 
+IMAGENET_RUN_IMAGES = 120 * 1_281_167  # the paper's recipe: 120 epochs of ImageNet-1k train
 CONFIGS = {
     "BN-32": ["MODEL.NORM", "bn"],
     "BN-2": ["MODEL.NORM", "bn", "MODEL.NORM_BATCH_SIZE", "2"],
@@ -115,12 +120,16 @@ def main(argv=None) -> int:
 
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n## Training throughput, {args.arch} at {size} px, N = {args.batch}, {device}\n")
-    print("| configuration | s/step | images/s | ratio to BN-32 |")
-    print("|---|---|---|---|")
+    estimate = size == 224
+    extra = " ImageNet run: device-hours | wall hours on 8 |" if estimate else ""
+    print("| configuration | s/step | images/s | ratio to BN-32 |" + extra)
+    print("|---|---|---|---|" + ("---|---|" if estimate else ""))
     bn = step["trainer BN-32"]
     for name in CONFIGS:
         t = step[f"trainer {name}"]
-        print(f"| {name} | {t:.3f} | {args.batch / t:.1f} | {bn / t:.2f} |")
+        hours = IMAGENET_RUN_IMAGES * t / args.batch / 3600
+        extra = f" {hours:.0f} | {hours / 8:.1f} |" if estimate else ""
+        print(f"| {name} | {t:.3f} | {args.batch / t:.1f} | {bn / t:.2f} |" + extra)
     print("\n| plain loop vs trainer | plain s/step | trainer s/step | trainer / plain |")
     print("|---|---|---|---|")
     for name in loops:
