@@ -54,15 +54,14 @@ def read_run(directory: str) -> dict:
 
 
 def _cell(run: dict, value, paper=None, approximate=False) -> str:
-    if run["status"] == "missing":
-        return "missing"
-    if value is None:
-        return run["status"]
+    reference = None if paper is None else f"{'~' if approximate else ''}{paper:.2f}"
+    if run["status"] == "missing" or value is None:  # still show the target the run is for
+        return run["status"] if reference is None else f"{run['status']} (paper {reference})"
     text = f"{value:.2f}"
     if run["status"] != "finished":
         text += " (unfinished)"
-    if paper is not None:
-        text += f" vs {'~' if approximate else ''}{paper:.2f} ({value - paper:+.2f})"
+    if reference is not None:
+        text += f" vs {reference} ({value - paper:+.2f})"
     return text
 
 

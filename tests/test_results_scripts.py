@@ -32,7 +32,7 @@ def test_collector_prints_measured_beside_paper_and_marks_missing_runs(tmp_path,
     assert collect_results.main(["--imagenet", str(imagenet), "--coco", str(coco), "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
     bn_row = next(line for line in out.splitlines() if line.startswith("| BN |"))
-    assert "23.90 vs 23.41 (+0.49)" in bn_row and "missing" in bn_row
+    assert "23.90 vs 23.41 (+0.49)" in bn_row and "missing (paper ~24.30)" in bn_row
     assert "40.00 (unfinished) vs 23.67 (+16.33)" in out
     assert next(line for line in out.splitlines() if line.startswith("| BRN |")).count("unfinished") == 1
     assert "| GN | 24.50 | 7.50 |" in out
