@@ -6,12 +6,15 @@
 
 BN and MABN fold into the convolutions for inference (``mabn.fold_model``), so both run the same plain
 network; LN, IN and GN normalize with statistics of the test sample and cannot. Every model runs in one
-process, in rounds, and the median of each is reported with its ratio to folded BN beside the paper's
-ratios (measured on a GPU, where convolutions are fast and norms memory-bound).
+process, taking turns one forward pass at a time so that slow spells of a shared machine hit them all,
+and the median pass of each is reported with its ratio to folded BN beside the paper's ratios (measured
+on a GPU, where convolutions are fast and norms memory-bound). A second copy of the folded BN network
+is timed as a control: its distance from 1.00 is the resolution of the measurement on this machine.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -25,33 +28,35 @@ import mabn
 PAPER_IMAGES_PER_S = {"BN (folded)": 237.88, "MABN (folded)": 237.88, "LN": 125.44, "IN": 105.60, "GN": 99.37}
 
 
+CONTROL = "BN copy (control)"
+
+
 def build_models(device: torch.device, channels_last: bool) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
+    bn = mabn.fold_model(torchvision.models.resnet50())
     models = {
-        "BN (folded)": mabn.fold_model(torchvision.models.resnet50()),
+        "BN (folded)": bn,
         "MABN (folded)": mabn.fold_model(mabn.convert_model(torchvision.models.resnet50(), norm="mabn", conv="cen")),
         "LN": mabn.convert_model(torchvision.models.resnet50(), norm="ln"),
         "IN": mabn.convert_model(torchvision.models.resnet50(), norm="in"),
         "GN": mabn.convert_model(torchvision.models.resnet50(), norm="gn"),
+        CONTROL: copy.deepcopy(bn),
     }
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return {name: m.eval().to(device, memory_format=memory_format) for name, m in models.items()}
 
 
-def images_per_second(model, x, min_seconds: float) -> float:
-    runs, start = 0, time.perf_counter()
-    while True:
-        model(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        runs += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds and runs >= 2:
-            return runs * x.shape[0] / elapsed
+def forward_time(model, x) -> float:
+    begin = time.perf_counter()
+    model(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - begin
 
 
 @torch.inference_mode()
 def bench(device: torch.device, batches, size: int, rounds: int, min_seconds: float, channels_last: bool) -> dict:
+    """``{batch: {model: images/s}}`` from at least ``rounds`` turns and ``min_seconds`` per model."""
     models = build_models(device, channels_last)
     results = {}
     for batch in batches:
@@ -59,12 +64,13 @@ def bench(device: torch.device, batches, size: int, rounds: int, min_seconds: fl
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for model in models.values():  # warm-up (cuDNN autotuning, allocator)
-            model(x)
+            forward_time(model, x)
         samples = {name: [] for name in models}
-        for _ in range(rounds):
+        while len(samples[CONTROL]) < rounds or min(sum(v) for v in samples.values()) < min_seconds:
             for name, model in models.items():
-                samples[name].append(images_per_second(model, x, min_seconds))
-        results[batch] = {name: statistics.median(v) for name, v in samples.items()}
+                samples[name].append(forward_time(model, x))
+        # the median pass, not the mean: a pass interrupted by another process says nothing about the model
+        results[batch] = {name: batch / statistics.median(v) for name, v in samples.items()}
     return results
 
 
@@ -78,7 +84,8 @@ def print_table(device: torch.device, results: dict) -> None:
         bn = row["BN (folded)"]
         print(f"| {batch} | " + " | ".join(f"{row[n]:.1f} ({row[n] / bn:.2f})" for n in names) + " |")
     paper_bn = PAPER_IMAGES_PER_S["BN (folded)"]
-    print("| paper, batch 1 (GPU) | " + " | ".join(f"{PAPER_IMAGES_PER_S[n]:.1f} ({PAPER_IMAGES_PER_S[n] / paper_bn:.2f})" for n in names) + " |")
+    paper = [f"{PAPER_IMAGES_PER_S[n]:.1f} ({PAPER_IMAGES_PER_S[n] / paper_bn:.2f})" if n in PAPER_IMAGES_PER_S else "-" for n in names]
+    print("| paper, batch 1 (GPU) | " + " | ".join(paper) + " |")
 
 
 def main(argv=None) -> int:
@@ -86,8 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--size", type=int, default=224, help="image side")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--min-seconds", type=float, default=0.5, help="per model, batch and round")
+    parser.add_argument("--rounds", type=int, default=5, help="at least this many passes of every model")
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="at least this much time per model and batch")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)

@@ -101,6 +101,19 @@ def test_fold_resnet50_reproduces_eval_outputs(norm, conv):
     assert folded_error < 1.5 * unfolded_error + 1e-6, (folded_error, unfolded_error)
 
 
+def test_folded_mabn_resnet50_is_the_same_network_as_folded_bn():
+    """Free at inference: the folded MABN model runs exactly the modules, shapes, dtypes and memory layouts
+    of the folded BN model, so its speed is BN's by construction (timing noise aside, scripts/bench_inference)."""
+    def layout(model):
+        modules = [(name, type(m).__name__, repr(m)) for name, m in model.named_modules()]
+        tensors = [(name, t.shape, t.dtype, t.stride()) for name, t in [*model.named_parameters(), *model.named_buffers()]]
+        return modules, tensors
+
+    bn = fold_model(torchvision.models.resnet50())
+    mabn = fold_model(convert_model(torchvision.models.resnet50(), norm="mabn", conv="cen"))
+    assert layout(mabn) == layout(bn)
+
+
 def test_fold_small_model_float32_within_1e5():
     torch.manual_seed(0)
     model = convert_model(torchvision.models.resnet18(), norm="mabn", conv="cen", norm_options={"momentum": 0.0, "warmup_iters": 1})
