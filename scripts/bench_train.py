@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import shutil
 import tempfile
 import time
 
@@ -78,15 +79,21 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, help="image side (default: 224 on CUDA, 64 on the CPU)")
     parser.add_argument("--batch", type=int, default=32, help="per-process batch N")
     parser.add_argument("--steps", type=int, help="steps per timed epoch (default: 50 on CUDA, 6 on the CPU)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     size = args.size or (224 if cuda else 64)
     steps = args.steps or (50 if cuda else 6)
     info = init_distributed(args.device)
-    output = tempfile.mkdtemp(prefix="bench_train_")
+    output = tempfile.mkdtemp(prefix="bench_train_")  # the trainers' run directories, removed at exit
+    try:
+        return bench(args, cuda, size, steps, info, output)
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
 
+
+def bench(args, cuda: bool, size: int, steps: int, info, output: str) -> int:
     trainers, loops = {}, {}
     for name, overrides in CONFIGS.items():
         cfg = get_default_config()
@@ -108,15 +115,22 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
         return run
 
+    # Each plain loop runs right beside the trainer it is compared with, after it in even rounds and before it
+    # in odd ones, and their ratio is the median of the per-round ratios: slow spells of a shared machine last
+    # seconds, so only epochs measured next to each other compare.
     runs = {f"trainer {n}": trainer_epoch(t) for n, t in trainers.items()}
     runs.update({f"plain loop {n}": loop.epoch for n, loop in loops.items()})
+    groups = [[f"trainer {n}"] + ([f"plain loop {n}"] if n in loops else []) for n in trainers]
     for run in runs.values():  # warm-up: compiled kernels, allocator, data workers
         run()
     times = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, run in runs.items():
-            times[name].append(timed(run) / steps)
+    for round_ in range(args.rounds):
+        for group in groups:
+            for name in group if round_ % 2 == 0 else reversed(group):
+                times[name].append(timed(runs[name]) / steps)
     step = {name: statistics.median(v) for name, v in times.items()}
+    overhead = {name: statistics.median(t / p for t, p in zip(times[f"trainer {name}"], times[f"plain loop {name}"]))
+                for name in loops}
 
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n## Training throughput, {args.arch} at {size} px, N = {args.batch}, {device}\n")
@@ -130,11 +144,11 @@ def main(argv=None) -> int:
         hours = IMAGENET_RUN_IMAGES * t / args.batch / 3600
         extra = f" {hours:.0f} | {hours / 8:.1f} |" if estimate else ""
         print(f"| {name} | {t:.3f} | {args.batch / t:.1f} | {bn / t:.2f} |" + extra)
-    print("\n| plain loop vs trainer | plain s/step | trainer s/step | trainer / plain |")
+    print("\n| plain loop vs trainer | plain s/step | trainer s/step | trainer / plain (median of paired rounds) |")
     print("|---|---|---|---|")
     for name in loops:
         plain, trained = step[f"plain loop {name}"], step[f"trainer {name}"]
-        print(f"| {name} | {plain:.3f} | {trained:.3f} | {trained / plain:.3f} |")
+        print(f"| {name} | {plain:.3f} | {trained:.3f} | {overhead[name]:.3f} |")
     return 0
 
 

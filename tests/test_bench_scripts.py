@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end on tiny inputs and report every configuration they promise.
+
+Their figures are measured by running them (README, Speed); here only that they work is checked, since
+timings on a shared CI machine mean nothing.
+"""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import bench_inference  # noqa: E402
+import bench_train  # noqa: E402
+
+
+def test_bench_inference_reports_every_norm_and_the_control(tmp_path, capsys):
+    report = tmp_path / "inference.json"
+    assert bench_inference.main(["--device", "cpu", "--batches", "1", "2", "--size", "64", "--rounds", "1",
+                                 "--min-seconds", "0", "--json", str(report)]) == 0
+    results = json.loads(report.read_text())["cpu"]
+    assert set(results) == {"1", "2"}
+    for row in results.values():
+        assert set(row) == {"BN (folded)", "MABN (folded)", "LN", "IN", "GN", bench_inference.CONTROL}
+        assert all(v > 0 for v in row.values())
+    out = capsys.readouterr().out
+    assert "| paper, batch 1 (GPU) | 237.9 (1.00) |" in out and "99.4 (0.42)" in out
+
+
+def test_bench_train_times_every_configuration_and_the_plain_loop(capsys):
+    assert bench_train.main(["--device", "cpu", "--arch", "resnet20", "--size", "32", "--batch", "4", "--steps", "1",
+                             "--rounds", "1", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    for name in bench_train.CONFIGS:
+        assert f"| {name} |" in out
+    assert "trainer / plain" in out and out.count("| BN-32 |") == 2 and out.count("| MABN-2 |") == 2
