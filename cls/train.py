@@ -26,11 +26,9 @@ from cls import transforms as T
 from cls.config import get_default_config
 from cls.datasets import build_dataset
 from mabn.batch_statistics import BatchStatisticsRecorder
-from mabn.checkpoint import (
-    gather_rank_states, load_checkpoint, model_state_dict, own_rank_state, save_checkpoint, set_rng_states,
-)
+from mabn.checkpoint import CheckpointedTrainer, load_checkpoint, model_state_dict, save_checkpoint
 from mabn.config import CfgNode, ConfigError
-from mabn.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, barrier
+from mabn.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics
 from mabn.launch import NonFiniteLossError, autocast, run
 from mabn.models import build_classifier
 from mabn.run_log import RunLogger, progress
@@ -156,7 +154,9 @@ def write_json(values: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-class Trainer:
+class Trainer(CheckpointedTrainer):
+    COUNTERS = ("epoch", "batch_in_epoch", "step")  # what a checkpoint restores besides model, optimizer, scheduler, scaler, RNG
+
     def __init__(self, cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None):
         self.cfg, self.info, self.log = cfg, info, log
         self.show = info.is_main and cfg.LOG.PROGRESS
@@ -205,41 +205,6 @@ class Trainer:
         if cfg.STATS.RECORD and info.is_main:
             layers = list(cfg.STATS.LAYERS) or None
             self.recorder = BatchStatisticsRecorder(self.model, log.writer, layers, cfg.STATS.CHANNEL)
-
-    # ------------------------------------------------------------------ checkpoints
-    def _state(self, ranks: list[dict]) -> dict:
-        return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-            "rng": ranks[0]["rng"], "ranks": ranks, "config": self.cfg.dump(), "metrics": self.metrics,
-        }
-
-    def _restore(self, path: str) -> None:
-        state = load_checkpoint(path, map_location=self.info.device)
-        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "epoch", "step") if k not in state]
-        if missing:
-            raise RuntimeError(f"{path} is not a checkpoint of this trainer (missing {missing}); use MODEL.WEIGHTS to start from weights")
-        own = own_rank_state(state, self.info.rank, self.info.world_size)
-        self.model.load_state_dict({**state["model"], **(own["buffers"] if own else {})})
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-        self.metrics = state.get("metrics", {})
-        set_rng_states(own["rng"] if own else state["rng"])
-        self.log.info(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
-        if own is None:
-            self.log.info(f"the checkpoint was saved by {len(state.get('ranks', []))} process(es), this run has "
-                          f"{self.info.world_size}: every rank starts from rank 0's norm buffers (not an exact resume)")
-
-    def save(self) -> None:
-        if self.cfg.DIST.AVERAGE_NORM_STATS:
-            average_norm_statistics(self.model)
-        ranks = gather_rank_states(self.model)  # MABN's windows and the RNG states differ between ranks
-        if self.info.is_main:
-            save_checkpoint(self._state(ranks), self.checkpoint_path)
-        barrier()
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> dict:

@@ -32,11 +32,9 @@ from det.evaluation import IOU_TYPES, CocoEvaluator, write_json
 from det.model import NO_NORM, build_mask_rcnn
 from det.sampler import GroupedBatchSampler, aspect_ratio_group_ids, collate_fn
 from det.transforms import build_transforms
-from mabn.checkpoint import (
-    CheckpointError, gather_rank_states, load_checkpoint, model_state_dict, own_rank_state, save_checkpoint, set_rng_states,
-)
+from mabn.checkpoint import CheckpointedTrainer, CheckpointError, load_checkpoint, model_state_dict, save_checkpoint
 from mabn.config import CfgNode, ConfigError
-from mabn.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, barrier
+from mabn.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics
 from mabn.launch import NonFiniteLossError, autocast, run
 from mabn.layers.factory import NORMS, is_norm
 from mabn.run_log import RunLogger, progress
@@ -266,7 +264,9 @@ def headline(metrics: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- train
-class Trainer:
+class Trainer(CheckpointedTrainer):
+    COUNTERS = ("iter", "epoch", "batch_in_epoch")  # what a checkpoint restores besides model, optimizer, scheduler, scaler, RNG
+
     def __init__(self, cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None):
         self.cfg, self.info, self.log = cfg, info, log
         self.show = info.is_main and cfg.LOG.PROGRESS
@@ -310,45 +310,6 @@ class Trainer:
                     self.model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                     broadcast_buffers=False, find_unused_parameters=cfg.DIST.FIND_UNUSED_PARAMETERS,
                 )
-
-    # ------------------------------------------------------------------ checkpoints
-    def _state(self, ranks: list[dict]) -> dict:
-        return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "iter": self.iter, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "rng": ranks[0]["rng"], "ranks": ranks, "config": self.cfg.dump(), "metrics": self.metrics,
-        }
-
-    def _restore(self, path: str) -> None:
-        try:
-            state = load_checkpoint(path, map_location=self.info.device)
-        except (FileNotFoundError, CheckpointError) as e:
-            raise ConfigError(f"--resume: {e}") from None
-        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "iter", "epoch", "batch_in_epoch", "rng") if k not in state]
-        if missing:
-            raise ConfigError(f"{path} is not a checkpoint of this trainer (missing {missing}); use MODEL.WEIGHTS to start from weights")
-        ranks = state.get("ranks", [])
-        own = own_rank_state(state, self.info.rank, self.info.world_size)
-        self.model.load_state_dict({**state["model"], **(own["buffers"] if own else {})})
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.iter, self.epoch, self.batch_in_epoch = state["iter"], state["epoch"], state["batch_in_epoch"]
-        self.metrics = state.get("metrics", {})
-        set_rng_states(own["rng"] if own else state["rng"])
-        self.log.info(f"resumed from {path} at iteration {self.iter} (epoch {self.epoch}, batch {self.batch_in_epoch})")
-        if own is None:
-            self.log.info(f"the checkpoint was saved by {len(ranks)} process(es), this run has {self.info.world_size}: "
-                          "every rank starts from rank 0's random state and norm buffers (not an exact resume)")
-
-    def save(self) -> None:
-        if self.cfg.DIST.AVERAGE_NORM_STATS:
-            average_norm_statistics(self.model)
-        ranks = gather_rank_states(self.model)  # MABN's windows and the RNG states differ between ranks
-        if self.info.is_main:
-            save_checkpoint(self._state(ranks), self.checkpoint_path)
-        barrier()
 
     # ------------------------------------------------------------------ loop
     def train_mode(self) -> None:

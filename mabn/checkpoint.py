@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -98,3 +99,89 @@ def own_rank_state(state: dict, rank: int, world_size: int) -> Optional[dict]:
     """This rank's entry of a checkpoint's ``ranks``, or None when it was saved by another number of processes."""
     ranks = state.get("ranks", [])
     return ranks[rank] if len(ranks) == world_size else None
+
+
+# ----------------------------------------------------------------------------- a training run's checkpoint
+RUN_STATE = ("model", "optimizer", "scheduler", "scaler", "rng")
+
+
+def save_training_checkpoint(path: str, is_main: bool, model: nn.Module, optimizer, scheduler, scaler,
+                             counters: dict, config: str, metrics: dict) -> None:
+    """Write the checkpoint a run resumes from (a collective: every rank calls it, rank 0 writes).
+
+    Parameters and optimizer, scheduler and scaler states are the same on every rank; buffers (MABN's
+    windows) and RNG states are not, so each rank's are kept under ``ranks``.
+    """
+    from .distributed import barrier
+
+    ranks = gather_rank_states(model)
+    if is_main:
+        save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": ranks[0]["rng"], "ranks": ranks, "config": config, "metrics": metrics,
+            **counters,
+        }, path)
+    barrier()
+
+
+@dataclass
+class Resumed:
+    counters: dict  # the trainer's progress counters, as saved
+    metrics: dict
+    saved_by: int  # processes that saved the checkpoint
+    exact: bool  # False when saved by another number of processes: rank 0's buffers and RNG state for all
+
+    def inexact_note(self, world_size: int) -> str:
+        return (f"the checkpoint was saved by {self.saved_by} process(es), this run has {world_size}: every rank "
+                "starts from rank 0's random state and norm buffers (not an exact resume)")
+
+
+def load_training_checkpoint(path: str, rank: int, world_size: int, model: nn.Module, optimizer, scheduler, scaler,
+                             counters: tuple[str, ...], map_location: Any = "cpu") -> Resumed:
+    """Restore what :func:`save_training_checkpoint` wrote, this rank's own buffers and RNG states included.
+    Raises FileNotFoundError / CheckpointError naming the file when it is absent, unreadable, or not a
+    checkpoint of a training run with these ``counters``."""
+    state = load_checkpoint(path, map_location=map_location)
+    missing = [k for k in (*RUN_STATE, *counters) if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer (missing {missing}); use MODEL.WEIGHTS to start from weights")
+    own = own_rank_state(state, rank, world_size)
+    model.load_state_dict({**state["model"], **(own["buffers"] if own else {})})
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_states(own["rng"] if own else state["rng"])
+    return Resumed({k: state[k] for k in counters}, state.get("metrics", {}), len(state.get("ranks", [])), own is not None)
+
+
+class CheckpointedTrainer:
+    """What both trainers do with their checkpoint: ``save()`` and ``_restore(path)``.
+
+    A trainer using it has ``cfg``, ``info``, ``log``, ``model``, ``optimizer``, ``scheduler``, ``scaler``,
+    ``metrics``, ``checkpoint_path`` and the progress counters it names in ``COUNTERS``.
+    """
+
+    COUNTERS: tuple[str, ...] = ()
+
+    def _restore(self, path: str) -> None:
+        from .config import ConfigError
+
+        try:
+            resumed = load_training_checkpoint(path, self.info.rank, self.info.world_size, self.model, self.optimizer,
+                                               self.scheduler, self.scaler, self.COUNTERS, self.info.device)
+        except (FileNotFoundError, CheckpointError) as e:
+            raise ConfigError(f"--resume: {e}") from None
+        for name, value in resumed.counters.items():
+            setattr(self, name, value)
+        self.metrics = resumed.metrics
+        self.log.info(f"resumed from {path} at " + ", ".join(f"{k} {v}" for k, v in resumed.counters.items()))
+        if not resumed.exact:
+            self.log.info(resumed.inexact_note(self.info.world_size))
+
+    def save(self) -> None:
+        from .distributed import average_norm_statistics
+
+        if self.cfg.DIST.AVERAGE_NORM_STATS:
+            average_norm_statistics(self.model)
+        save_training_checkpoint(self.checkpoint_path, self.info.is_main, self.model, self.optimizer, self.scheduler,
+                                 self.scaler, {k: getattr(self, k) for k in self.COUNTERS}, self.cfg.dump(), self.metrics)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mabn.checkpoint import (
-    CheckpointError, load_checkpoint, model_state_dict, own_rank_state, rank_state, rng_states, save_checkpoint, set_rng_states,
+    CheckpointError, load_checkpoint, load_training_checkpoint, model_state_dict, own_rank_state, rank_state, rng_states,
+    save_checkpoint, save_training_checkpoint, set_rng_states,
 )
 
 
@@ -76,3 +77,31 @@ def test_rank_state_holds_buffers_not_parameters():
     checkpoint = {"ranks": [state, state]}
     assert own_rank_state(checkpoint, 1, 2) is state
     assert own_rank_state(checkpoint, 0, 4) is None  # saved by another number of processes
+
+
+def _run_state(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step(), scheduler.step()
+    return model, optimizer, scheduler, scaler
+
+
+def test_training_checkpoint_round_trip_and_errors(tmp_path):
+    path = str(tmp_path / "checkpoint.pth")
+    model, optimizer, scheduler, scaler = _run_state(0)
+    save_training_checkpoint(path, True, model, optimizer, scheduler, scaler, {"step": 7, "epoch": 1}, "A: 1\n", {"top1": 3.0})
+    expected = torch.rand(1)  # what the generator draws next, after a resume
+    other = _run_state(1)
+    resumed = load_training_checkpoint(path, 0, 1, *other, ("step", "epoch"))
+    assert (resumed.counters, resumed.metrics, resumed.exact) == ({"step": 7, "epoch": 1}, {"top1": 3.0}, True)
+    for a, b in zip(model.state_dict().values(), other[0].state_dict().values()):
+        assert torch.equal(a, b)
+    assert other[1].state_dict()["state"][0]["momentum_buffer"].equal(optimizer.state_dict()["state"][0]["momentum_buffer"])
+    assert other[2].last_epoch == scheduler.last_epoch and torch.equal(torch.rand(1), expected)
+    assert load_training_checkpoint(path, 1, 2, *other, ("step",)).exact is False  # saved by 1 process, resumed by 2
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint of this trainer \(missing \['iter'\]\)"):
+        load_training_checkpoint(path, 0, 1, *other, ("iter",))

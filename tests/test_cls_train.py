@@ -184,3 +184,13 @@ def test_fashion_mnist_short_run_learns(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 10000
     assert metrics["top1_err"] < 35.0, metrics
+
+
+def test_unreadable_resume_checkpoint_is_named_and_kept(data, tmp_path):
+    out = tmp_path / "x"
+    out.mkdir()
+    garbage = out / "checkpoint.pth"  # the run directory's own checkpoint: resumed from automatically
+    garbage.write_bytes(b"this is no checkpoint")
+    result = run(tiny_args(data, out), check=False)
+    assert result.returncode == 2 and f"--resume: cannot read checkpoint {garbage}" in result.stderr, result.stderr[-3000:]
+    assert garbage.read_bytes() == b"this is no checkpoint"  # left for the user to inspect, not overwritten
