@@ -26,7 +26,7 @@ from cls import transforms as T
 from cls.config import get_default_config
 from cls.datasets import build_dataset
 from mabn.batch_statistics import BatchStatisticsRecorder
-from mabn.checkpoint import CheckpointedTrainer, load_checkpoint, model_state_dict, save_checkpoint
+from mabn.checkpoint import CheckpointedTrainer, load_weights, save_checkpoint
 from mabn.config import CfgNode, ConfigError
 from mabn.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics
 from mabn.launch import NonFiniteLossError, autocast, run
@@ -99,21 +99,15 @@ def build_loaders(cfg: CfgNode, info: DistInfo, train_set, val_set):
 
 
 # ----------------------------------------------------------------------------- model
+MUST_MATCH = "MODEL.ARCH, NORM, CENTERED_CONVS and NUM_CLASSES"  # for a checkpoint to load into the model this config builds
+
+
 def build_model(cfg: CfgNode) -> nn.Module:
     m = cfg.MODEL
     options = dict(m.NORM_OPTIONS)
     if m.NORM_BATCH_SIZE is not None:
         options["norm_batch_size"] = m.NORM_BATCH_SIZE
     return build_classifier(m.ARCH, m.NUM_CLASSES, m.NORM, options, m.CENTERED_CONVS, m.IN_CHANNELS, m.ZERO_INIT_RESIDUAL)
-
-
-def load_weights(model: nn.Module, path: str) -> None:
-    """Weights of a checkpoint of this trainer, or a torchvision-format state_dict, into ``model``."""
-    weights = model_state_dict(load_checkpoint(path), path)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise RuntimeError(f"cannot load weights from {path} into a {model.__class__.__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- train / evaluate
@@ -173,7 +167,7 @@ class Trainer(CheckpointedTrainer):
         if cfg.SOLVER.CHANNELS_LAST:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.MODEL.WEIGHTS:
-            load_weights(self.model, cfg.MODEL.WEIGHTS)
+            load_weights(self.model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", MUST_MATCH)
         s = cfg.SOLVER
         total_batch = cfg.DATA.BATCH_SIZE * info.world_size
         self.lr = linear_scaled_lr(s.BASE_LR, total_batch, s.REFERENCE_BATCH)
@@ -301,7 +295,7 @@ def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | No
     val_loader = DataLoader(Subset(val_set, shard_indices(len(val_set), info.rank, info.world_size)),
                             batch_size=cfg.TEST.BATCH_SIZE, num_workers=cfg.DATA.WORKERS)
     model = build_model(cfg).to(info.device)
-    load_weights(model, path)
+    load_weights(model, path, "--checkpoint" if checkpoint else "MODEL.WEIGHTS", MUST_MATCH)
     metrics = evaluate(model, val_loader, cfg, info, len(val_set), info.is_main and cfg.LOG.PROGRESS)
     log.info(f"{path}: top-1 err {metrics['top1_err']:.2f}%  top-5 err {metrics['top5_err']:.2f}%  "
              f"(acc {metrics['top1_acc']:.2f}% / {metrics['top5_acc']:.2f}%) over {metrics['samples']} images")

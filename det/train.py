@@ -32,7 +32,7 @@ from det.evaluation import IOU_TYPES, CocoEvaluator, write_json
 from det.model import NO_NORM, build_mask_rcnn
 from det.sampler import GroupedBatchSampler, aspect_ratio_group_ids, collate_fn
 from det.transforms import build_transforms
-from mabn.checkpoint import CheckpointedTrainer, CheckpointError, load_checkpoint, model_state_dict, save_checkpoint
+from mabn.checkpoint import CheckpointedTrainer, load_weights, save_checkpoint
 from mabn.config import CfgNode, ConfigError
 from mabn.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics
 from mabn.launch import NonFiniteLossError, autocast, run
@@ -172,6 +172,9 @@ def build_val_loader(cfg: CfgNode, info: DistInfo, val_set: CocoDetection) -> Da
 
 
 # ----------------------------------------------------------------------------- model
+MUST_MATCH = "MODEL.NORM, HEAD_NORM, CENTERED_CONVS and the categories"  # for a checkpoint to load into the model this config builds
+
+
 def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
     m = cfg.MODEL
     rpn, roi = m.RPN, m.ROI_HEADS
@@ -190,19 +193,6 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
         )
     except ValueError as e:  # an unknown norm option, a channel count GN cannot split, ...
         raise ConfigError(f"MODEL.NORM {m.NORM!r} / MODEL.HEAD_NORM / MODEL.NORM_OPTIONS {dict(m.NORM_OPTIONS)}: {e}") from None
-
-
-def load_weights(model: nn.Module, path: str, key: str) -> None:
-    """Weights of a checkpoint of this trainer into ``model``; ``key`` names where the path came from."""
-    try:
-        weights = model_state_dict(load_checkpoint(path), path)
-    except (FileNotFoundError, CheckpointError) as e:
-        raise ConfigError(f"{key}: {e}") from None
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ConfigError(f"{key}: cannot load {path} into this Mask R-CNN (MODEL.NORM, HEAD_NORM, CENTERED_CONVS "
-                          f"and the categories must match the run that saved it): {e}") from None
 
 
 def load_backbone(model: nn.Module, path: str, log: RunLogger) -> None:
@@ -286,7 +276,7 @@ class Trainer(CheckpointedTrainer):
             if cfg.MODEL.BACKBONE_WEIGHTS:
                 load_backbone(self.model, cfg.MODEL.BACKBONE_WEIGHTS, log)
             if cfg.MODEL.WEIGHTS:
-                load_weights(self.model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+                load_weights(self.model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", MUST_MATCH)
         self.frozen_norms = frozen_norms(self.model)
         torch.manual_seed(cfg.SEED + 1 + info.rank)  # from here on, each rank draws its own RPN / RoI samples
 
@@ -420,7 +410,7 @@ def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | No
         raise ConfigError("--test-only needs --checkpoint PATH or MODEL.WEIGHTS")
     val_set = build_val_set(cfg)
     model = build_model(cfg, num_classes(cfg, val_set)).to(info.device)
-    load_weights(model, path, "--checkpoint" if checkpoint else "MODEL.WEIGHTS")
+    load_weights(model, path, "--checkpoint" if checkpoint else "MODEL.WEIGHTS", MUST_MATCH)
     metrics = evaluate(model, build_val_loader(cfg, info, val_set), val_set, cfg, info, log, info.is_main and cfg.LOG.PROGRESS)
     log.info(f"{path}: {headline(metrics)}")
     if info.is_main:

@@ -57,6 +57,23 @@ def model_state_dict(state: dict, path: str = "<checkpoint>") -> dict:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in weights.items()}
 
 
+def load_weights(model: nn.Module, path: str, key: str, must_match: str = "") -> None:
+    """Model weights of a trainer checkpoint or a bare ``state_dict`` into ``model``. Errors are config errors
+    (exit code 2) that name ``key``, where the path came from (``MODEL.WEIGHTS``, ``--checkpoint``), and the
+    file; ``must_match`` says which settings must agree with the run that saved it."""
+    from .config import ConfigError
+
+    try:
+        weights = model_state_dict(load_checkpoint(path), path)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        hint = f" ({must_match} must match the run that saved it)" if must_match else ""
+        raise ConfigError(f"{key}: cannot load {path} into this {type(model).__name__}{hint}: {e}") from None
+
+
 def rng_states() -> dict:
     """Every random generator a training step draws from, as weights_only-loadable values."""
     kind, keys, position, has_gauss, cached = np.random.get_state()

@@ -1,6 +1,7 @@
 """The classification trainer end to end: torchrun on gloo, --test-only, exact resume, failures."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -116,19 +117,21 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
 
 
 def test_torchvision_resnet50_weights_load_into_the_bn_model(tmp_path):
-    from cls.train import build_model, load_weights
     from cls.config import get_default_config
+    from cls.train import MUST_MATCH, build_model
+    from mabn.checkpoint import load_weights
+    from mabn.config import ConfigError
 
     weights = torchvision.models.resnet50().state_dict()
     path = tmp_path / "tv.pth"
     torch.save(weights, path)
     model = build_model(get_default_config())
-    load_weights(model, str(path))
+    load_weights(model, str(path), "MODEL.WEIGHTS")
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights[key]), key
     mabn_model = build_model(get_default_config().merge_from_list(["MODEL.NORM", "mabn"]))
-    with pytest.raises(RuntimeError, match=f"cannot load weights from {path}"):
-        load_weights(mabn_model, str(path))
+    with pytest.raises(ConfigError, match=re.escape(f"MODEL.WEIGHTS: cannot load {path} into this ResNet ({MUST_MATCH} must match")):
+        load_weights(mabn_model, str(path), "MODEL.WEIGHTS", MUST_MATCH)
 
 
 @pytest.mark.parametrize(
@@ -184,6 +187,15 @@ def test_fashion_mnist_short_run_learns(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 10000
     assert metrics["top1_err"] < 35.0, metrics
+
+
+def test_unreadable_checkpoints_are_named(data, tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is no checkpoint")
+    result = run(["--test-only", "--checkpoint", str(garbage), *tiny_args(data, tmp_path / "t")], check=False)
+    assert result.returncode == 2 and f"--checkpoint: cannot read checkpoint {garbage}" in result.stderr, result.stderr[-3000:]
+    result = run(tiny_args(data, tmp_path / "w", "MODEL.WEIGHTS", str(tmp_path / "gone.pth")), check=False)
+    assert result.returncode == 2 and f"MODEL.WEIGHTS: checkpoint not found: {tmp_path / 'gone.pth'}" in result.stderr
 
 
 def test_unreadable_resume_checkpoint_is_named_and_kept(data, tmp_path):
