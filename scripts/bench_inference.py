@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 import torchvision
 
 import mabn
+from bench_devices import add_device_options, selected_devices, write_report  # sibling script
 
 PAPER_IMAGES_PER_S = {"BN (folded)": 237.88, "MABN (folded)": 237.88, "LN": 125.44, "IN": 105.60, "GN": 99.37}
 
@@ -90,28 +90,21 @@ def print_table(device: torch.device, results: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    add_device_options(parser)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--size", type=int, default=224, help="image side")
     parser.add_argument("--rounds", type=int, default=5, help="at least this many passes of every model")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="at least this much time per model and batch")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
-    if args.device in ("cuda", "all") and torch.cuda.is_available():
-        devices.append(torch.device("cuda"))
-    elif args.device == "cuda":
-        parser.error("CUDA is not available")
+    devices = selected_devices(parser, args.device)
     report = {}
     for device in devices:
         results = bench(device, args.batches, args.size, args.rounds, args.min_seconds, args.channels_last)
         print_table(device, results)
         report[device.type] = results
         sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, args.json)
     return 0
 
 

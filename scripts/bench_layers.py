@@ -26,6 +26,7 @@ import time
 import torch
 from torch import nn
 
+from bench_devices import add_device_options, selected_devices, write_report  # sibling script
 from mabn import BatchNorm2d, BatchRenorm2d, MABN2d
 
 SHAPES = [
@@ -159,17 +160,12 @@ def print_table(device: torch.device, results: list[dict]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    add_device_options(parser)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--shapes", type=int, nargs="+", help="indices into the shape list (default: all)")
-    parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of cpu_memories
     args = parser.parse_args(argv)
-    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
-    if args.device in ("cuda", "all") and torch.cuda.is_available():
-        devices.append(torch.device("cuda"))
-    elif args.device == "cuda":
-        parser.error("CUDA is not available")
+    devices = selected_devices(parser, args.device)
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
     if args.memory_only:
         print(json.dumps([memories(shape, torch.device("cpu")) for shape in shapes]))
@@ -183,9 +179,7 @@ def main(argv=None) -> int:
         print_table(device, results)
         report[device.type] = results
         sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, args.json)
     return 0
 
 
