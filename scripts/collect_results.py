@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from figures import pyplot, save_figure  # sibling script
+
 # shared/spec/PAPER_RESULTS.md; values read off the paper's plot are marked approximate there.
 PAPER_IMAGENET = {
     "bn": {32: 23.41, 16: 24.3, 8: 25.4, 4: 27.9, 2: 35.22},
@@ -111,11 +113,7 @@ def coco_table(root: str) -> str:
 
 def plot_error_vs_b(measured: dict, paper: dict, out: str, ylabel: str = "top-1 error (%)", title: str = "") -> str:
     """Error against the normalization batch b per norm: measured (solid) beside the paper's (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, norm in enumerate(("bn", "brn", "mabn")):
         color = f"C{i}"
@@ -130,11 +128,7 @@ def plot_error_vs_b(measured: dict, paper: dict, out: str, ylabel: str = "top-1 
     if title:
         ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv=None) -> int:

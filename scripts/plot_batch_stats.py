@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from figures import pyplot, save_figure  # sibling script
+
 STATISTICS = (("mu", r"$\mu_B$"), ("sigma2", r"$\sigma_B^2$"), ("g", r"$g_B$"), ("psi", r"$\Psi_B$"))
 
 
@@ -42,11 +44,7 @@ def load_batch_statistics(run_dir: str) -> dict[str, dict[str, tuple[list, list]
 
 
 def plot(runs: list[str], labels: list[str], layer: str | None, out: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     data = [load_batch_statistics(run) for run in runs]
     layer = layer or sorted(data[0])[0]
     for run, stats in zip(runs, data):
@@ -60,11 +58,7 @@ def plot(runs: list[str], labels: list[str], layer: str | None, out: str) -> str
             axes[row, col].plot(steps, values, linewidth=0.6)
             axes[row, col].set_ylabel(symbol)
         axes[-1, col].set_xlabel("step")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv=None) -> int:
