@@ -10,7 +10,7 @@
 # KEY VALUE pairs go to every run; TORCHRUN_ARGS carries multi-node flags, as in reproduce_imagenet.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+source scripts/torchrun_table.sh
 
 gpus=8 out=runs/coco table=all data="" mabn_r50=runs/imagenet/mabn_b2/model_final.pth tv_r50=""
 usage() { sed -n '2,12p' "$0"; exit "${1:-0}"; }
@@ -42,12 +42,9 @@ case "$table" in
 esac
 [ "$gpus" = 8 ] || echo "note: the paper trains on 8 GPUs x 2 images; with $gpus GPUs the total batch (and, by linear scaling, the lr) changes" >&2
 
-finished() { [ -f "$1/metrics.json" ] && "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("finished") else 1)' "$1/metrics.json"; }
 for name in "${configs[@]}"; do
-  run="$out/$name"
-  if finished "$run"; then echo "== $name: finished, skipped"; continue; fi
   extra=()
-  case "$name" in
+  finished "$out/$name" || case "$name" in  # a finished run needs no backbone
     finetune_mabn_2)
       [ -f "$mabn_r50" ] || { echo "$name needs the ImageNet MABN ResNet-50 (--imagenet-mabn; scripts/reproduce_imagenet.sh --table batch trains it): $mabn_r50 not found" >&2; exit 2; }
       extra=(MODEL.BACKBONE_WEIGHTS "$mabn_r50") ;;
@@ -55,9 +52,6 @@ for name in "${configs[@]}"; do
       [ -n "$tv_r50" ] && [ -f "$tv_r50" ] || { echo "$name needs torchvision ResNet-50 weights: --torchvision-r50 /path/to/resnet50.pth" >&2; exit 2; }
       extra=(MODEL.BACKBONE_WEIGHTS "$tv_r50") ;;
   esac
-  echo "== $name -> $run"
-  # shellcheck disable=SC2086
-  "$PY" -m torch.distributed.run --nproc_per_node="$gpus" ${TORCHRUN_ARGS:-} det/train.py \
-    --config "configs/det/$name.yaml" DATA.ROOT "$data" OUTPUT_DIR "$run" "${extra[@]}" "$@"
+  train_config det/train.py "det/$name" "${extra[@]}" "$@"
 done
 "$PY" scripts/collect_results.py --only coco --coco "$out"

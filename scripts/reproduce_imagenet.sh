@@ -10,7 +10,7 @@
 # TORCHRUN_ARGS (e.g. TORCHRUN_ARGS="--nnodes=2 --node_rank=0 --master_addr=host0 --master_port=29500").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+source scripts/torchrun_table.sh
 
 gpus=8 out=runs/imagenet table=all data=""
 usage() { sed -n '2,12p' "$0"; exit "${1:-0}"; }
@@ -40,13 +40,7 @@ case "$table" in
 esac
 [ "$gpus" = 8 ] || echo "note: the paper trains on 8 GPUs x 32 images; with $gpus GPUs the total batch (and, by linear scaling, the lr) changes" >&2
 
-finished() { [ -f "$1/metrics.json" ] && "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("finished") else 1)' "$1/metrics.json"; }
 for name in "${configs[@]}"; do
-  run="$out/$name"
-  if finished "$run"; then echo "== $name: finished, skipped"; continue; fi
-  echo "== $name -> $run"
-  # shellcheck disable=SC2086
-  "$PY" -m torch.distributed.run --nproc_per_node="$gpus" ${TORCHRUN_ARGS:-} cls/train.py \
-    --config "configs/cls/$name.yaml" DATA.ROOT "$data" OUTPUT_DIR "$run" "$@"
+  train_config cls/train.py "cls/$name" "$@"
 done
 "$PY" scripts/collect_results.py --only imagenet --imagenet "$out" --plot "$out/error_vs_b.png"

@@ -1,0 +1,20 @@
+# What reproduce_imagenet.sh and reproduce_coco.sh share; sourced by them from the repository root, after
+# they have set $gpus, $out and $data.
+
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+
+# finished RUN_DIR: whether the run wrote metrics.json with "finished": true
+finished() { [ -f "$1/metrics.json" ] && "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("finished") else 1)' "$1/metrics.json"; }
+
+# train_config TRAINER CONFIG [KEY VALUE ...]: train configs/CONFIG.yaml (e.g. cls/mabn_b2) into $out/<name>
+# with torchrun on $gpus processes; a finished run is skipped, an interrupted one resumes from its checkpoint.
+train_config() {
+  local trainer=$1 config=$2 name=${2#*/}
+  shift 2
+  local run="$out/$name"
+  if finished "$run"; then echo "== $name: finished, skipped"; return 0; fi
+  echo "== $name -> $run"
+  # shellcheck disable=SC2086
+  "$PY" -m torch.distributed.run --nproc_per_node="$gpus" ${TORCHRUN_ARGS:-} "$trainer" \
+    --config "configs/$config.yaml" DATA.ROOT "$data" OUTPUT_DIR "$run" "$@"
+}
