@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import torch
 import torchvision
 
 from fixtures_cls import write_image
+from kill_and_resume import assert_same_final_weights, kill_after_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "cls", "train.py")
@@ -88,10 +88,6 @@ def test_deprecated_launcher_with_local_rank_argument(data, tmp_path):
     assert json.loads((tmp_path / "launch" / "metrics.json").read_text())["finished"]
 
 
-def _final_weights(out):
-    return torch.load(out / "model_final.pth", weights_only=True)["model"]
-
-
 def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
     common = ["MODEL.NORM", "mabn", "MODEL.NORM_BATCH_SIZE", "2", "MODEL.CENTERED_CONVS", "True", "SOLVER.EPOCHS", "4",
               "CHECKPOINT.PERIOD_STEPS", "2", "DATA.WORKERS", "2", "MODEL.NORM_OPTIONS", "{warmup_iters: 2, renorm_warmup_iters: 3, buffer_size: 4}"]
@@ -99,21 +95,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
     run(tiny_args(data, reference, *common), backend="auto")
 
     interrupted = tmp_path / "interrupted"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_BACKEND": "auto"}
-    proc = subprocess.Popen([sys.executable, TRAIN, *tiny_args(data, interrupted, *common)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (interrupted / "checkpoint.pth").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (interrupted / "checkpoint.pth").exists() and not (interrupted / "model_final.pth").exists(), "the kill came too late"
+    kill_after_first_checkpoint(TRAIN, tiny_args(data, interrupted, *common), interrupted, ROOT)
     resumed = run(tiny_args(data, interrupted, *common), backend="auto")
     assert "resumed from" in resumed.stderr
-    ours, theirs = _final_weights(interrupted), _final_weights(reference)
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert torch.equal(ours[key], theirs[key]), key
+    assert_same_final_weights(interrupted, reference)
 
 
 def test_torchvision_resnet50_weights_load_into_the_bn_model(tmp_path):

@@ -6,7 +6,6 @@ about a second on one CPU core.
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torchvision
 import mabn
 from det.synthetic_shapes import make_shapes_dataset
 from det.train import main
+from kill_and_resume import assert_same_final_weights, kill_after_first_checkpoint
 
 # pycocotools 2.0.11's decode trips numpy 2's __array__(copy=...) deprecation; it is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -206,10 +206,6 @@ def test_several_training_sets_are_concatenated_like_coco_2014_trainval35k(shape
 
 
 # ----------------------------------------------------------------------------------------------- exact resume
-def _final_weights(out):
-    return torch.load(out / "model_final.pth", weights_only=True)["model"]
-
-
 def test_killed_and_resumed_run_ends_with_the_same_weights(shapes, tmp_path):
     """MABN (the default fused path) with short warm-ups (SMA and renormalization both active), killed after its checkpoint at
     iteration 3 (just after an evaluation), resumed into the second epoch (4 batches per epoch)."""
@@ -219,21 +215,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(shapes, tmp_path):
     run(tiny_args("scratch_mabn_2.yaml", shapes, reference, *common), backend="auto")
 
     interrupted = tmp_path / "interrupted"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_BACKEND": "auto"}
-    proc = subprocess.Popen([sys.executable, TRAIN, *tiny_args("scratch_mabn_2.yaml", shapes, interrupted, *common)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (interrupted / "checkpoint.pth").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (interrupted / "checkpoint.pth").exists() and not (interrupted / "model_final.pth").exists(), "the kill came too late"
+    kill_after_first_checkpoint(TRAIN, tiny_args("scratch_mabn_2.yaml", shapes, interrupted, *common), interrupted, ROOT)
     resumed = run(tiny_args("scratch_mabn_2.yaml", shapes, interrupted, *common), backend="auto")
     assert "resumed from" in resumed.stderr
-    ours, theirs = _final_weights(interrupted), _final_weights(reference)
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert torch.equal(ours[key], theirs[key]), key
+    assert_same_final_weights(interrupted, reference)
     reference_metrics = json.loads((reference / "metrics.json").read_text())
     assert json.loads((interrupted / "metrics.json").read_text()) == reference_metrics
 
