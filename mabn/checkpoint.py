@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import ConfigError
+from .distributed import all_gather_objects, average_norm_statistics, barrier
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not hold what is needed; the message names the file."""
@@ -61,8 +64,6 @@ def load_weights(model: nn.Module, path: str, key: str, must_match: str = "") ->
     """Model weights of a trainer checkpoint or a bare ``state_dict`` into ``model``. Errors are config errors
     (exit code 2) that name ``key``, where the path came from (``MODEL.WEIGHTS``, ``--checkpoint``), and the
     file; ``must_match`` says which settings must agree with the run that saved it."""
-    from .config import ConfigError
-
     try:
         weights = model_state_dict(load_checkpoint(path), path)
     except (FileNotFoundError, CheckpointError) as e:
@@ -107,8 +108,6 @@ def rank_state(model: nn.Module) -> dict:
 
 def gather_rank_states(model: nn.Module) -> list[dict]:
     """Every rank's :func:`rank_state`, in rank order (a collective: call it on every rank)."""
-    from .distributed import all_gather_objects
-
     return all_gather_objects(rank_state(model))
 
 
@@ -129,8 +128,6 @@ def save_training_checkpoint(path: str, is_main: bool, model: nn.Module, optimiz
     Parameters and optimizer, scheduler and scaler states are the same on every rank; buffers (MABN's
     windows) and RNG states are not, so each rank's are kept under ``ranks``.
     """
-    from .distributed import barrier
-
     ranks = gather_rank_states(model)
     if is_main:
         save_checkpoint({
@@ -181,8 +178,6 @@ class CheckpointedTrainer:
     COUNTERS: tuple[str, ...] = ()
 
     def _restore(self, path: str) -> None:
-        from .config import ConfigError
-
         try:
             resumed = load_training_checkpoint(path, self.info.rank, self.info.world_size, self.model, self.optimizer,
                                                self.scheduler, self.scaler, self.COUNTERS, self.info.device)
@@ -196,8 +191,6 @@ class CheckpointedTrainer:
             self.log.info(resumed.inexact_note(self.info.world_size))
 
     def save(self) -> None:
-        from .distributed import average_norm_statistics
-
         if self.cfg.DIST.AVERAGE_NORM_STATS:
             average_norm_statistics(self.model)
         save_training_checkpoint(self.checkpoint_path, self.info.is_main, self.model, self.optimizer, self.scheduler,
