@@ -3,6 +3,10 @@
     from mabn import MABN2d, CenConv2d
     model = mabn.convert_model(torchvision.models.resnet50(), norm="mabn", conv="cen")
     deployable = mabn.fold_model(model)
+
+This package is the layer library and needs torch and torchvision only. The trainers' machinery (config,
+checkpoints, distributed runs, logging) is the separate subpackage :mod:`mabn.engine`, which
+``import mabn`` does not load; ``pip install '.[train]'`` installs what it needs.
 """
 from .authors_checkpoint import load_authors_state_dict
 from .batch_statistics import BatchStatisticsRecorder
@@ -16,10 +20,15 @@ from .layers import (
     MABN1d,
     MABN2d,
     MABN3d,
+    MovingAverageBatchNorm,
+    NormType,
     SyncBatchNorm,
     build_norm,
     norm_options,
+    norm_type,
+    option_meaning,
     register_norm,
+    register_norm_type,
 )
 
 __version__ = "0.1.0"
@@ -33,11 +42,16 @@ __all__ = [
     "MABN1d",
     "MABN2d",
     "MABN3d",
+    "MovingAverageBatchNorm",
+    "NormType",
     "SyncBatchNorm",
     "build_norm",
     "convert_model",
     "fold_model",
     "load_authors_state_dict",
     "norm_options",
+    "norm_type",
+    "option_meaning",
     "register_norm",
+    "register_norm_type",
 ]

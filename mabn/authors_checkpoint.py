@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .layers.moving_average_bn import _MovingAverageBatchNorm
+from .layers.moving_average_bn import MovingAverageBatchNorm
 
 FORMAL_KEYS = {"weight", "bias", "running_var", "iters", "buffer_x2", "buffer_gz"}
 CLASSIFICATION_KEYS = {"weight", "bias", "running_var", "iters", "pre_x2", "pre_gz", "sta_matrix"}
@@ -33,7 +33,7 @@ def _sliding_mean_matrix(m: int) -> torch.Tensor:
     return matrix
 
 
-def _convert_layer(name: str, layer: _MovingAverageBatchNorm, entries: dict) -> dict:
+def _convert_layer(name: str, layer: MovingAverageBatchNorm, entries: dict) -> dict:
     keys = set(entries)
     m, channels = layer.buffer_size, layer.num_features
     if not layer.reduced_stats:
@@ -90,7 +90,7 @@ def load_authors_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
     converted: dict[str, torch.Tensor] = {}
     claimed: set[str] = set()
     for name, layer in model.named_modules():
-        if not isinstance(layer, _MovingAverageBatchNorm):
+        if not isinstance(layer, MovingAverageBatchNorm):
             continue
         prefix = f"{name}." if name else ""
         entries = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix) and "." not in k[len(prefix):]}

@@ -17,14 +17,15 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .fold import FOLDABLE_NORMS
+from .layers.registry import uses_batch_statistics
 
 STATISTICS = ("mu", "sigma2", "g", "psi")
 
 
 def norm_layer_names(model: nn.Module) -> list[str]:
-    """Names of the batch-statistics norm layers of ``model`` (BN, SyncBN, BRN, MABN), in order."""
-    return [name for name, m in model.named_modules() if isinstance(m, FOLDABLE_NORMS)]
+    """Names of the norm layers of ``model`` that train on batch statistics (BN, SyncBN, BRN, MABN of every rank;
+    not frozen BN, GN, LN or IN), in order."""
+    return [name for name, m in model.named_modules() if uses_batch_statistics(m)]
 
 
 class BatchStatisticsRecorder:

@@ -13,14 +13,10 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .layers.cen_conv import CenConv2d
-from .layers.factory import build_norm
-from .layers.moving_average_bn import _MovingAverageBatchNorm
-
-# Norms that convert_model replaces: every flavour of 2d batch normalization torchvision models use.
-SOURCE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+from .layers.moving_average_bn import MovingAverageBatchNorm
+from .layers.registry import build_norm, converts_from
 
 
 def convert_model(
@@ -40,7 +36,7 @@ def convert_model(
         for child_name, child in list(module.named_children()):
             full_name = f"{name}.{child_name}" if name else child_name
             replacement = None
-            if norm is not None and isinstance(child, SOURCE_NORMS):
+            if norm is not None and converts_from(child):
                 replacement = _convert_norm(child, norm, norm_options)
             elif conv == "cen" and type(child) is nn.Conv2d and (conv_filter is None or conv_filter(full_name, child)):
                 replacement = _centered_conv(child)
@@ -83,7 +79,7 @@ def _carry_running_stats(old: nn.Module, new: nn.Module) -> None:
     mean, var = getattr(old, "running_mean", None), getattr(old, "running_var", None)
     if mean is None or var is None:
         return
-    if isinstance(new, _MovingAverageBatchNorm):
+    if isinstance(new, MovingAverageBatchNorm):
         if new.running_mean is not None:
             new.running_mean.copy_(mean)
             new.running_var.copy_(var)

@@ -14,23 +14,16 @@ from typing import Optional
 import torch
 import torch.fx
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .layers.batch_renorm import BatchRenorm2d
 from .layers.cen_conv import CenConv2d, centered_weight
-from .layers.moving_average_bn import MABN2d
-
-FOLDABLE_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, BatchRenorm2d, MABN2d, FrozenBatchNorm2d)
+from .layers.registry import is_foldable, norm_type
 
 
 def inference_affine(norm: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """``(scale, shift)`` in float64 such that ``norm(x) == x * scale + shift`` in eval mode, or None."""
-    if not isinstance(norm, FOLDABLE_NORMS):
+    if not is_foldable(norm):  # e.g. a BN without running statistics: batch statistics even in eval mode
         return None
-    var = norm.running_var
-    if var is None:  # a BN without running statistics normalizes with batch statistics even in eval mode
-        return None
-    var = var.double()
+    var = norm.running_var.double()
     mean = norm.running_mean.double() if getattr(norm, "running_mean", None) is not None else torch.zeros_like(var)
     weight = norm.weight.double() if getattr(norm, "weight", None) is not None else torch.ones_like(var)
     bias = norm.bias.double() if getattr(norm, "bias", None) is not None else torch.zeros_like(var)
@@ -42,7 +35,7 @@ class _LeafTracer(torch.fx.Tracer):
     """Keeps norms and convs opaque: only how they are wired matters here."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, FOLDABLE_NORMS + (nn.Conv2d,)) or super().is_leaf_module(m, qualname)
+        return norm_type(m) is not None or isinstance(m, nn.Conv2d) or super().is_leaf_module(m, qualname)
 
 
 def find_conv_norm_pairs(module: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
@@ -60,7 +53,7 @@ def find_conv_norm_pairs(module: nn.Module, prefix: str = "") -> list[tuple[str,
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), FOLDABLE_NORMS):
+        if node.op != "call_module" or not is_foldable(module.get_submodule(node.target)):
             continue
         source = node.args[0] if node.args else None
         if (

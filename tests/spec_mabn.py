@@ -1,4 +1,4 @@
-"""An independent, deliberately plain re-implementation of MABN from ``shared/spec/MABN.md``.
+"""An independent, deliberately plain re-implementation of MABN from ``docs/algorithm.md`` (sections 4-7).
 
 One normalization batch at a time, Python lists for the windows, no vectorization and nothing
 imported from ``mabn``: the oracle the tests hold the package's layers against.

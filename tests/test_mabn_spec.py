@@ -4,9 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from mabn import MABN2d
-from mabn.layers import backends
-from mabn.layers.estimators import BatchStatistics, Plan
-from mabn.layers.normalize import train_step
+from mabn.layers.functional import REFERENCE, BatchStatistics, Plan, train_step
+from mabn.layers.fused import FUSED
 
 from spec_mabn import LoopMABN
 
@@ -82,7 +81,7 @@ def _closed_form_case(centered, groups, r, d, backend):
     return fn
 
 
-FUNCTIONS = pytest.mark.parametrize("backend", [backends.REFERENCE, backends.FUSED], ids=["reference", "fused"])
+FUNCTIONS = pytest.mark.parametrize("backend", [REFERENCE, FUSED], ids=["reference", "fused"])
 
 
 @FUNCTIONS

@@ -2,8 +2,17 @@
 from .batch_norm import BatchNorm2d
 from .batch_renorm import BatchRenorm2d
 from .cen_conv import CenConv2d
-from .factory import NORMS, build_norm, norm_options, register_norm
-from .moving_average_bn import MABN1d, MABN2d, MABN3d
+from .moving_average_bn import MABN1d, MABN2d, MABN3d, MovingAverageBatchNorm
+from .registry import (
+    NORMS,
+    NormType,
+    build_norm,
+    norm_options,
+    norm_type,
+    option_meaning,
+    register_norm,
+    register_norm_type,
+)
 from .sync_batch_norm import SyncBatchNorm
 
 __all__ = [
@@ -13,9 +22,14 @@ __all__ = [
     "MABN1d",
     "MABN2d",
     "MABN3d",
+    "MovingAverageBatchNorm",
     "NORMS",
+    "NormType",
     "SyncBatchNorm",
     "build_norm",
     "norm_options",
+    "norm_type",
+    "option_meaning",
     "register_norm",
+    "register_norm_type",
 ]

@@ -13,16 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import check_backend, select
-from .estimators import BatchStatistics
-from .grouping import num_groups
-from .normalize import train_step
-
-
-def check_norm_batch_size(layer: str, norm_batch_size: Optional[int]) -> None:
-    if norm_batch_size is not None and (not isinstance(norm_batch_size, int) or norm_batch_size <= 0):
-        raise ValueError(f"{layer}: norm_batch_size must be a positive integer or None, got {norm_batch_size!r}")
-
+from .functional import BatchStatistics, check_norm_batch_size, num_groups, train_step
+from .fused import check_backend, select
 
 class BatchNorm2d(nn.BatchNorm2d):
     def __init__(
@@ -38,7 +30,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         device=None,
         dtype=None,
     ):
-        """``backend`` implements the grouped mode (see :mod:`mabn.layers.backends`); without groups this is
+        """``backend`` implements the grouped mode (see :mod:`mabn.layers.fused`); without groups this is
         ``nn.BatchNorm2d``'s own kernel."""
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         check_norm_batch_size(type(self).__name__, norm_batch_size)
@@ -52,9 +44,11 @@ class BatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         self._check_input_dim(x)
         groups = num_groups(type(self).__name__, x.shape[0], self.norm_batch_size)
-        state = BatchStatistics.State(self.running_mean, self.running_var, self.num_batches_tracked)
-        y, _ = train_step(x, self.weight, self.bias, select(self.backend, x.device), BatchStatistics, state,
-                          BatchStatistics.Config(self.eps, self.momentum), groups)
+        state = BatchStatistics.State(
+            running_mean=self.running_mean, running_var=self.running_var, num_batches_tracked=self.num_batches_tracked
+        )
+        config = BatchStatistics.Config(eps=self.eps, momentum=self.momentum)
+        y, _ = train_step(x, self.weight, self.bias, select(self.backend, x.device), BatchStatistics, state, config, groups)
         return y
 
     def extra_repr(self) -> str:

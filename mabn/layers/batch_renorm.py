@@ -15,11 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import check_backend, select
-from .batch_norm import check_norm_batch_size
-from .estimators import RenormStatistics
-from .grouping import num_groups
-from .normalize import train_step
+from .functional import RenormStatistics, check_norm_batch_size, num_groups, train_step
+from .fused import check_backend, select
 
 
 class BatchRenorm2d(nn.Module):
@@ -41,7 +38,7 @@ class BatchRenorm2d(nn.Module):
         dtype=None,
     ):
         """``momentum``: update rate of the running averages (``nn.BatchNorm2d`` convention; Ioffe's alpha).
-        ``backend``: see :mod:`mabn.layers.backends`."""
+        ``backend``: see :mod:`mabn.layers.fused`."""
         super().__init__()
         name = type(self).__name__
         check_norm_batch_size(name, norm_batch_size)
@@ -71,7 +68,8 @@ class BatchRenorm2d(nn.Module):
 
     def _config(self) -> RenormStatistics.Config:
         return RenormStatistics.Config(
-            self.eps, self.momentum, self.r_max, self.d_max, self.warmup_steps, self.r_max_steps, self.d_max_steps
+            eps=self.eps, momentum=self.momentum, r_max=self.r_max, d_max=self.d_max, warmup_steps=self.warmup_steps,
+            r_max_steps=self.r_max_steps, d_max_steps=self.d_max_steps,
         )
 
     def limits(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +83,9 @@ class BatchRenorm2d(nn.Module):
         if not self.training or x.shape[0] == 0:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         groups = num_groups(name, x.shape[0], self.norm_batch_size)
-        state = RenormStatistics.State(self.running_mean, self.running_var, self.num_batches_tracked)
+        state = RenormStatistics.State(
+            running_mean=self.running_mean, running_var=self.running_var, num_batches_tracked=self.num_batches_tracked
+        )
         y, _ = train_step(x, self.weight, self.bias, select(self.backend, x.device), RenormStatistics, state, self._config(), groups)
         return y
 

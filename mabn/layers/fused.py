@@ -1,6 +1,7 @@
-"""The fused backend: a training step in two compiled graphs, as fast as BatchNorm's own kernels.
+"""The fused backend: a training step in two compiled graphs, as fast as BatchNorm's own kernels, and the switch
+that picks it.
 
-The reference backend (``normalize.py``) applies the formulas one tensor operation at a time: several
+The reference backend (:mod:`mabn.layers.functional`) applies the formulas one tensor operation at a time: several
 passes over the activations, as many temporaries, and dozens of small eager operations for the
 estimator. Here each direction of a training step is one ``torch.compile`` graph (C++/OpenMP on the
 CPU, Triton on CUDA; dynamic shapes, so every layer and batch size shares it) whose heavy part is two
@@ -16,16 +17,21 @@ With ``k = weight * r / std`` and M values per normalization batch, the referenc
     Psi = k * sum(dy * (x - mean)) / M        g = weight * r * sum(dy) / M
     dx  = k * dy - Psi_bar / std^2 * (x - mean) - g_bar / std
 
-``tests/test_fused.py`` holds the two backends together.
+``tests/test_fused.py`` holds the two backends together (docs/algorithm.md, section 11).
+
+Which backend a layer runs is its ``backend`` option: ``'reference'``, ``'fused'``, or ``'auto'`` (the default
+of every layer): fused wherever ``torch.compile`` works on the input's device, else the reference with a
+warning. The environment variable ``MABN_BACKEND`` overrides ``'auto'`` for a whole process.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Optional
 
 import torch
 
-from .estimators import Plan
-from .grouping import accumulation_dtype
+from .functional import REFERENCE, Backend, BatchStatistics, Plan, accumulation_dtype, train_step
 
 # Each graph is specialized per estimator, configuration, input rank, dtype and memory format (a few dozen
 # variants in a process mixing 1d/2d/3d layers and precisions); dynamo's default of 8 per function is too low.
@@ -173,3 +179,55 @@ def moments(x: torch.Tensor, groups: int, centered: bool):
     """``(mean or None, var)`` per normalization batch, as the fused forward computes them (for tests)."""
     mean, var, _ = _compiled(_moments)(_grouped(x, groups), centered)
     return mean, var
+
+
+FUSED = Backend("fused", forward, apply, backward)
+
+
+# ----------------------------------------------------------------------------- the switch
+BACKENDS = ("auto", "reference", "fused")
+
+_fused_works: dict[str, bool] = {}
+
+
+def check_backend(name: str, layer: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{layer}: backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _run_probe(device: torch.device) -> None:
+    # A generator of its own: drawing from the global one would shift every later random number of a run
+    # by whether (and when) it probed, and a resumed run would no longer match an uninterrupted one.
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, device=device, generator=generator, requires_grad=True)
+    state = BatchStatistics.State(running_mean=None, running_var=None, num_batches_tracked=None)
+    y, _ = train_step(x, None, None, FUSED, BatchStatistics, state, BatchStatistics.Config(eps=1e-5, momentum=0.1), 2)
+    y.sum().backward()
+
+
+def _probe(device: torch.device) -> bool:
+    """Compile and run the fused step once on a tiny input of ``device``'s type; False if that fails."""
+    key = device.type
+    if key not in _fused_works:
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                _run_probe(device)
+            _fused_works[key] = True
+        except Exception as e:  # no C++ compiler, no Triton, an unsupported device...
+            warnings.warn(f"mabn: fused kernels unavailable on {key} ({type(e).__name__}: {e}); using the reference path")
+            _fused_works[key] = False
+    return _fused_works[key]
+
+
+def select(name: str, device: torch.device) -> Backend:
+    """The backend a layer with option ``backend=name`` runs on ``device``."""
+    if name == "auto":
+        name = os.environ.get("MABN_BACKEND", "auto")
+        if name not in BACKENDS:
+            raise ValueError(f"environment variable MABN_BACKEND must be one of {BACKENDS}, got {name!r}")
+    if name == "reference":
+        return REFERENCE
+    if name == "fused" or _probe(device):
+        return FUSED
+    return REFERENCE

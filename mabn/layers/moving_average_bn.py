@@ -1,6 +1,7 @@
-"""Moving Average Batch Normalization (Yan et al., ICLR 2020), as specified in ``shared/spec/MABN.md``.
+"""Moving Average Batch Normalization (Yan et al., ICLR 2020): the layers. Their training step, in the paper's
+order, is :mod:`mabn.layers.functional`; the algorithm is written out in ``docs/algorithm.md``.
 
-One implementation, :class:`_MovingAverageBatchNorm`, serves 1d, 2d and 3d inputs; the public classes
+One implementation, :class:`MovingAverageBatchNorm`, serves 1d, 2d and 3d inputs; the public classes
 only fix the accepted input ranks.
 
 Per channel and normalization batch, at training step ``t`` (the layer's training forwards) and
@@ -15,7 +16,8 @@ normalization batch ``n`` (groups seen so far, this one included):
 * inference: ``y = gamma * x / sqrt(nu + eps) + beta``, an affine map that folds into the previous conv.
 
 The ablation switches of the paper (``forward_sma``, ``backward_sma``, ``reduced_stats``, ``renorm``)
-and both warm-up schedules the authors released (``warmup='formal'`` / ``'classification'``) are options.
+and both warm-up schedules the authors released (``warmup='formal'`` / ``'classification'``) are options
+(docs/algorithm.md, sections 7 and 8).
 """
 from __future__ import annotations
 
@@ -27,10 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import check_backend, select
-from .estimators import MovingAverageStatistics, Plan
-from .grouping import num_groups
-from .normalize import train_step
+from .functional import MovingAverageStatistics, Plan, check_norm_batch_size, num_groups, train_step
+from .fused import check_backend, select
 
 WARMUPS = ("formal", "classification")
 
@@ -50,7 +50,9 @@ def _recomputing_in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class _MovingAverageBatchNorm(nn.Module):
+class MovingAverageBatchNorm(nn.Module):
+    """The MABN family's base class (``isinstance(m, MovingAverageBatchNorm)`` finds MABN1d, 2d and 3d)."""
+
     _input_ranks: tuple[int, ...] = ()
     _rank_help: str = ""
 
@@ -105,7 +107,7 @@ class _MovingAverageBatchNorm(nn.Module):
             renorm: apply the renormalization factor r (ablation).
             affine: learnable per-channel gamma (``weight``) and beta (``bias``).
             backend: 'auto' (fused kernels where torch.compile works), 'fused' or 'reference' (the spec's
-                formulas one operation at a time, the oracle of the tests); see :mod:`mabn.layers.backends`.
+                formulas one operation at a time, the oracle of the tests); see :mod:`mabn.layers.fused`.
         """
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -131,8 +133,7 @@ class _MovingAverageBatchNorm(nn.Module):
         for label, value in (("num_features", num_features), ("buffer_size", buffer_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: {label} must be a positive integer, got {value!r}")
-        if norm_batch_size is not None and (not isinstance(norm_batch_size, int) or norm_batch_size <= 0):
-            raise ValueError(f"{name}: norm_batch_size must be a positive integer or None, got {norm_batch_size!r}")
+        check_norm_batch_size(name, norm_batch_size)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"{name}: momentum (EMA keep-rate) must be in [0, 1], got {momentum}")
         if eps <= 0:
@@ -213,14 +214,17 @@ class _MovingAverageBatchNorm(nn.Module):
 
     def _state(self) -> MovingAverageStatistics.State:
         return MovingAverageStatistics.State(
-            self.running_var, self.running_mean, self.num_steps, self.num_norm_batches,
-            self.window_var, self.window_mean, self.window_psi, self.window_grad_mean,
+            running_var=self.running_var, running_mean=self.running_mean, num_steps=self.num_steps,
+            num_norm_batches=self.num_norm_batches, window_var=self.window_var, window_mean=self.window_mean,
+            window_psi=self.window_psi, window_grad_mean=self.window_grad_mean,
         )
 
     def _config(self) -> MovingAverageStatistics.Config:
         return MovingAverageStatistics.Config(
-            self.eps, self.momentum, self.buffer_size, self.warmup, self.warmup_iters, self.renorm_warmup_iters,
-            self.r_max, self.forward_sma, self.backward_sma, self.reduced_stats, self.renorm,
+            eps=self.eps, momentum=self.momentum, buffer_size=self.buffer_size, warmup=self.warmup,
+            warmup_iters=self.warmup_iters, renorm_warmup_iters=self.renorm_warmup_iters, r_max=self.r_max,
+            forward_sma=self.forward_sma, backward_sma=self.backward_sma, reduced_stats=self.reduced_stats,
+            renorm=self.renorm,
         )
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
@@ -273,21 +277,21 @@ class _MovingAverageBatchNorm(nn.Module):
         return ", ".join([text] + ablations)
 
 
-class MABN1d(_MovingAverageBatchNorm):
+class MABN1d(MovingAverageBatchNorm):
     """MABN for ``(N, C)`` or ``(N, C, L)`` inputs."""
 
     _input_ranks = (2, 3)
     _rank_help = "2D (N, C) or 3D (N, C, L)"
 
 
-class MABN2d(_MovingAverageBatchNorm):
+class MABN2d(MovingAverageBatchNorm):
     """MABN for ``(N, C, H, W)`` inputs; place it after a :class:`~mabn.CenConv2d`."""
 
     _input_ranks = (4,)
     _rank_help = "4D (N, C, H, W)"
 
 
-class MABN3d(_MovingAverageBatchNorm):
+class MABN3d(MovingAverageBatchNorm):
     """MABN for ``(N, C, D, H, W)`` inputs."""
 
     _input_ranks = (5,)
