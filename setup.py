@@ -1,4 +1,10 @@
-"""Installable package for the MABN reproduction: the `mabn` core and the `cls` / `det` trainers."""
+"""The `mabn` layer library (torch and torchvision only); the trainers' dependencies are the `train` extra.
+
+    pip install .              # MABN2d, CenConv2d, the baselines, convert_model, fold_model, ...
+    pip install '.[train]'     # + what cls/train.py, det/train.py and scripts/ need (scripts/setup.sh)
+
+The trainers themselves (cls/, det/) run from a checkout and are not installed as packages.
+"""
 from setuptools import find_packages, setup
 
 setup(
@@ -6,17 +12,21 @@ setup(
     version="0.1.0",
     description="Moving Average Batch Normalization (ICLR 2020): layers, baselines and trainers",
     python_requires=">=3.10",
-    packages=find_packages(include=["mabn", "mabn.*", "cls", "cls.*", "det", "det.*"]),
+    packages=find_packages(include=["mabn", "mabn.*"]),
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
-        "numpy",
-        "pyyaml",
-        "pycocotools",
-        "tqdm",
-        "tensorboard",
-        # The paper's figures (statistics, error versus b) are drawn with it; pycocotools needs it anyway.
-        "matplotlib",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "train": [
+            "numpy",
+            "pyyaml",
+            "pycocotools",
+            "tqdm",
+            "tensorboard",
+            # The paper's figures (statistics, error versus b) are drawn with it; pycocotools needs it anyway.
+            "matplotlib",
+        ],
+        "test": ["pytest"],
+    },
 )

@@ -1,10 +1,10 @@
 """Defaults of the classification trainer: the authors' ImageNet recipe (ResNet-50, 120 epochs, 8 x 32).
 
 Every YAML under ``configs/cls/`` only states what differs from these; every value can be overridden
-on the command line (``SOLVER.BASE_LR 0.05``). See ``mabn/config.py`` for the rules.
+on the command line (``SOLVER.BASE_LR 0.05``). See ``mabn/engine/config.py`` for the rules.
 """
-from mabn.config import CfgNode, one_of, optional
-from mabn.layers.factory import NORMS
+from mabn.engine.config import CfgNode, one_of, optional
+from mabn.layers.registry import NORMS
 
 _C = CfgNode(
     {

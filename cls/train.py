@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-import warnings
+from dataclasses import asdict, dataclass
+
+if __package__ in (None, ""):  # run as a script (torchrun cls/train.py): the repository root holds cls/ and mabn/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.nn.functional as F
@@ -25,25 +29,24 @@ from torch.utils.data import DataLoader, Subset
 from cls import transforms as T
 from cls.config import get_default_config
 from cls.datasets import build_dataset
+from cls.models import build_classifier
 from mabn.batch_statistics import BatchStatisticsRecorder
-from mabn.checkpoint import CheckpointedTrainer, load_weights, save_checkpoint
-from mabn.config import CfgNode, ConfigError
-from mabn.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics
-from mabn.launch import NonFiniteLossError, autocast, run
-from mabn.models import build_classifier
-from mabn.run_log import RunLogger, progress
-from mabn.sampling import ResumableDistributedSampler, SeededDataset, shard_indices
-from mabn.solver import LRSchedule, build_scheduler, build_sgd, linear_scaled_lr
-
-GROUPABLE_NORMS = ("bn", "brn", "mabn")
+from mabn.engine.checkpoint import Checkpointer, load_weights, resume_path
+from mabn.engine.config import CfgNode, ConfigError
+from mabn.engine.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, wrap_ddp
+from mabn.engine.launch import NonFiniteLossError, autocast, run
+from mabn.engine.logger import RunLogger, progress_bar
+from mabn.engine.sampling import ResumableDistributedSampler, SeededDataset, shard_indices
+from mabn.engine.solver import LRSchedule, build_scheduler, build_sgd, linear_scaled_lr
+from mabn.layers.registry import groupable_norms
 
 
 def check_config(cfg: CfgNode, test_only: bool = False) -> None:
     """Cross-key constraints that types alone cannot express; each error names the keys involved."""
     b, n = cfg.MODEL.NORM_BATCH_SIZE, cfg.DATA.BATCH_SIZE
     if b is not None:
-        if cfg.MODEL.NORM not in GROUPABLE_NORMS:
-            raise ConfigError(f"MODEL.NORM_BATCH_SIZE applies to {', '.join(GROUPABLE_NORMS)}, not MODEL.NORM {cfg.MODEL.NORM!r}")
+        if cfg.MODEL.NORM not in groupable_norms():
+            raise ConfigError(f"MODEL.NORM_BATCH_SIZE applies to {', '.join(groupable_norms())}, not MODEL.NORM {cfg.MODEL.NORM!r}")
         if b <= 0 or n % b != 0:
             raise ConfigError(f"MODEL.NORM_BATCH_SIZE={b} must be a positive divisor of DATA.BATCH_SIZE={n}")
     if "norm_batch_size" in cfg.MODEL.NORM_OPTIONS:
@@ -83,22 +86,25 @@ def build_datasets(cfg: CfgNode):
     return train, val
 
 
-def build_loaders(cfg: CfgNode, info: DistInfo, train_set, val_set):
+def build_train_loader(cfg: CfgNode, info: DistInfo, train_set) -> tuple[ResumableDistributedSampler, DataLoader]:
     sampler = ResumableDistributedSampler(len(train_set), cfg.DATA.BATCH_SIZE, info.rank, info.world_size, cfg.SEED)
-    pin = info.device.type == "cuda"
     workers = cfg.DATA.WORKERS
-    train_loader = DataLoader(
+    loader = DataLoader(
         SeededDataset(train_set, cfg.SEED), batch_size=cfg.DATA.BATCH_SIZE, sampler=sampler, num_workers=workers,
-        pin_memory=pin, drop_last=True, persistent_workers=workers > 0,
+        pin_memory=info.device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
     )
-    val_loader = DataLoader(
+    return sampler, loader
+
+
+def build_val_loader(cfg: CfgNode, info: DistInfo, val_set) -> DataLoader:
+    """Rank r evaluates samples r, r + world_size, ...: each sample exactly once over all ranks."""
+    return DataLoader(
         Subset(val_set, shard_indices(len(val_set), info.rank, info.world_size)), batch_size=cfg.TEST.BATCH_SIZE,
-        shuffle=False, num_workers=workers, pin_memory=pin,
+        shuffle=False, num_workers=cfg.DATA.WORKERS, pin_memory=info.device.type == "cuda",
     )
-    return sampler, train_loader, val_loader
 
 
-# ----------------------------------------------------------------------------- model
+# ----------------------------------------------------------------------------- model and optimizer
 MUST_MATCH = "MODEL.ARCH, NORM, CENTERED_CONVS and NUM_CLASSES"  # for a checkpoint to load into the model this config builds
 
 
@@ -110,13 +116,123 @@ def build_model(cfg: CfgNode) -> nn.Module:
     return build_classifier(m.ARCH, m.NUM_CLASSES, m.NORM, options, m.CENTERED_CONVS, m.IN_CHANNELS, m.ZERO_INIT_RESIDUAL)
 
 
-# ----------------------------------------------------------------------------- train / evaluate
+def build_training_model(cfg: CfgNode, info: DistInfo) -> nn.Module:
+    """The model on its device, with identical initial weights on every rank, from ``MODEL.WEIGHTS`` if set."""
+    torch.manual_seed(cfg.SEED)
+    model = build_model(cfg).to(info.device)
+    if cfg.SOLVER.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.MODEL.WEIGHTS:
+        load_weights(model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", MUST_MATCH)
+    return model
+
+
+@dataclass
+class Schedule:
+    """How long the run is, in optimizer steps."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_schedule(cfg: CfgNode, sampler: ResumableDistributedSampler) -> Schedule:
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = cfg.SOLVER.EPOCHS * steps_per_epoch
+    if cfg.SOLVER.MAX_STEPS is not None:
+        total_steps = min(total_steps, cfg.SOLVER.MAX_STEPS)
+    return Schedule(steps_per_epoch, total_steps)
+
+
+def build_optimizer(cfg: CfgNode, info: DistInfo, model: nn.Module, schedule: Schedule):
+    """``(optimizer, lr scheduler, grad scaler, lr)``: SGD at the linearly scaled rate, the epoch schedule in steps."""
+    s = cfg.SOLVER
+    lr = linear_scaled_lr(s.BASE_LR, cfg.DATA.BATCH_SIZE * info.world_size, s.REFERENCE_BATCH)
+    optimizer = build_sgd(model, lr, s.MOMENTUM, s.WEIGHT_DECAY, s.NORM_WEIGHT_DECAY, s.NESTEROV)
+    steps = schedule.steps_per_epoch
+    lr_schedule = LRSchedule(s.LR_SCHEDULE, schedule.total_steps, [e * steps for e in s.LR_STEPS], s.LR_GAMMA,
+                             round(s.WARMUP_EPOCHS * steps), s.WARMUP_FACTOR)
+    scheduler = build_scheduler(optimizer, lr_schedule)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=s.AMP == "fp16")
+    return optimizer, scheduler, scaler, lr
+
+
+# ----------------------------------------------------------------------------- train
+@dataclass
+class Progress:
+    """What a checkpoint restores besides model, optimizer, scheduler, scaler and RNG states."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+
+
+def train_one_epoch(model: nn.Module, criterion, optimizer, scheduler, scaler, loader: DataLoader,
+                    sampler: ResumableDistributedSampler, progress: Progress, schedule: Schedule, cfg: CfgNode,
+                    info: DistInfo, log: RunLogger, save, recorder=None) -> None:
+    """Train from ``progress`` to the end of its epoch (or of the run), calling ``save()`` every
+    ``CHECKPOINT.PERIOD_STEPS`` steps inside the epoch; ``progress`` moves to the next epoch at its end."""
+    model.train()
+    sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
+    window = {"steps": 0, "data": 0.0, "start": time.time()}
+    bar = progress_bar(loader, info.is_main and cfg.LOG.PROGRESS, total=schedule.steps_per_epoch, desc=f"epoch {progress.epoch}",
+                   initial=progress.batch_in_epoch)
+    end = time.time()
+    for images, targets in bar:
+        window["data"] += time.time() - end
+        images = images.to(info.device, non_blocking=True)
+        targets = targets.to(info.device, non_blocking=True)
+        if cfg.SOLVER.CHANNELS_LAST:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(cfg.SOLVER.AMP, info.device):
+            loss = criterion(model(images), targets)
+        if not all_finite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {progress.epoch}, step {progress.step}; stopping. "
+                f"The last good checkpoint is {os.path.join(cfg.OUTPUT_DIR, 'checkpoint.pth')}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        progress.step += 1
+        progress.batch_in_epoch += 1
+        window["steps"] += 1
+        if recorder is not None and progress.step % cfg.STATS.PERIOD == 0:
+            recorder.write(progress.step)
+        if progress.step % cfg.LOG.PERIOD == 0:
+            log_window(window, loss, optimizer, progress, schedule, cfg, info, log)
+        period = cfg.CHECKPOINT.PERIOD_STEPS
+        if period and progress.step % period == 0 and progress.batch_in_epoch < schedule.steps_per_epoch:
+            save()
+        if progress.step >= schedule.total_steps:
+            break
+        end = time.time()
+    if progress.batch_in_epoch >= schedule.steps_per_epoch:
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+
+
+def log_window(window: dict, loss: torch.Tensor, optimizer, progress: Progress, schedule: Schedule, cfg: CfgNode,
+               info: DistInfo, log: RunLogger) -> None:
+    elapsed = time.time() - window["start"]
+    images = window["steps"] * cfg.DATA.BATCH_SIZE * info.world_size
+    values = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], "images_per_s": images / max(elapsed, 1e-9),
+              "data_time": window["data"] / window["steps"]}
+    log.scalars(values, progress.step, "train/")
+    log.info(
+        f"epoch {progress.epoch} step {progress.step}/{schedule.total_steps}  loss {values['loss']:.4f}  lr {values['lr']:.5f}  "
+        f"{values['images_per_s']:.1f} img/s  data {values['data_time']:.3f}s"
+    )
+    window.update(steps=0, data=0.0, start=time.time())
+
+
+# ----------------------------------------------------------------------------- evaluate
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, cfg: CfgNode, info: DistInfo, expected: int, show: bool) -> dict:
     """Top-1 / top-5 over the whole validation set: each rank a disjoint shard, sums reduced over ranks."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, top-1, top-5, count
-    for images, targets in progress(loader, show, total=len(loader), desc="eval"):
+    for images, targets in progress_bar(loader, show, total=len(loader), desc="eval"):
         images = images.to(info.device, non_blocking=True)
         targets = targets.to(info.device, non_blocking=True)
         if cfg.SOLVER.CHANNELS_LAST:
@@ -141,6 +257,11 @@ def evaluate(model: nn.Module, loader, cfg: CfgNode, info: DistInfo, expected: i
     }
 
 
+def report(metrics: dict, what: str) -> str:
+    return (f"{what}: top-1 err {metrics['top1_err']:.2f}%  top-5 err {metrics['top5_err']:.2f}%  "
+            f"(acc {metrics['top1_acc']:.2f}% / {metrics['top5_acc']:.2f}%) over {metrics['samples']} images")
+
+
 def write_json(values: dict, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -148,143 +269,57 @@ def write_json(values: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-class Trainer(CheckpointedTrainer):
-    COUNTERS = ("epoch", "batch_in_epoch", "step")  # what a checkpoint restores besides model, optimizer, scheduler, scaler, RNG
+# ----------------------------------------------------------------------------- the two entry points
+def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> dict:
+    # data
+    train_set, val_set = build_datasets(cfg)
+    sampler, train_loader = build_train_loader(cfg, info, train_set)
+    val_loader = build_val_loader(cfg, info, val_set)
+    schedule = build_schedule(cfg, sampler)
+    # model, loss and optimizer
+    model = build_training_model(cfg, info)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.SOLVER.LABEL_SMOOTHING)
+    optimizer, scheduler, scaler, lr = build_optimizer(cfg, info, model, schedule)
+    # resume
+    checkpointer = Checkpointer(cfg, info, log, model, optimizer, scheduler, scaler, tuple(asdict(Progress())))
+    progress, metrics = Progress(), {}
+    resume_from = resume_path(cfg.OUTPUT_DIR, resume)
+    if resume_from:
+        counters, metrics = checkpointer.resume(resume_from)
+        progress = Progress(**counters)
+    ddp_model = wrap_ddp(model, info)
+    recorder = None
+    if cfg.STATS.RECORD and info.is_main:
+        recorder = BatchStatisticsRecorder(model, log.writer, list(cfg.STATS.LAYERS) or None, cfg.STATS.CHANNEL)
 
-    def __init__(self, cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None):
-        self.cfg, self.info, self.log = cfg, info, log
-        self.show = info.is_main and cfg.LOG.PROGRESS
-        train_set, val_set = build_datasets(cfg)
-        self.val_size = len(val_set)
-        self.sampler, self.train_loader, self.val_loader = build_loaders(cfg, info, train_set, val_set)
-        self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.total_steps = cfg.SOLVER.EPOCHS * self.steps_per_epoch
-        if cfg.SOLVER.MAX_STEPS is not None:
-            self.total_steps = min(self.total_steps, cfg.SOLVER.MAX_STEPS)
+    def save() -> None:
+        checkpointer.save(asdict(progress), metrics)
 
-        torch.manual_seed(cfg.SEED)  # identical initial weights on every rank
-        self.model = build_model(cfg).to(info.device)
-        if cfg.SOLVER.CHANNELS_LAST:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        if cfg.MODEL.WEIGHTS:
-            load_weights(self.model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", MUST_MATCH)
-        s = cfg.SOLVER
-        total_batch = cfg.DATA.BATCH_SIZE * info.world_size
-        self.lr = linear_scaled_lr(s.BASE_LR, total_batch, s.REFERENCE_BATCH)
-        self.optimizer = build_sgd(self.model, self.lr, s.MOMENTUM, s.WEIGHT_DECAY, s.NORM_WEIGHT_DECAY, s.NESTEROV)
-        schedule = LRSchedule(
-            s.LR_SCHEDULE, self.total_steps, [e * self.steps_per_epoch for e in s.LR_STEPS], s.LR_GAMMA,
-            round(s.WARMUP_EPOCHS * self.steps_per_epoch), s.WARMUP_FACTOR,
-        )
-        self.scheduler = build_scheduler(self.optimizer, schedule)
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=s.AMP == "fp16")
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=s.LABEL_SMOOTHING)
-        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
-        self.metrics: dict = {}
-        self.checkpoint_path = os.path.join(cfg.OUTPUT_DIR, "checkpoint.pth")
-        if resume == "" or (resume is None and os.path.isfile(self.checkpoint_path)):
-            resume = self.checkpoint_path  # --resume without a path, or a run that was interrupted
-        if resume:
-            self._restore(resume)
-        self.ddp = self.model
-        if info.enabled:
-            # MABN keeps per-rank windows: buffers must not be overwritten by rank 0's on every forward.
-            # (torch 2.14 deprecates broadcast_buffers, but its successor still syncs buffers at init.)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-                self.ddp = nn.parallel.DistributedDataParallel(
-                    self.model, device_ids=[info.local_rank] if info.device.type == "cuda" else None, broadcast_buffers=False,
-                )
-        self.recorder = None
-        if cfg.STATS.RECORD and info.is_main:
-            layers = list(cfg.STATS.LAYERS) or None
-            self.recorder = BatchStatisticsRecorder(self.model, log.writer, layers, cfg.STATS.CHANNEL)
-
-    # ------------------------------------------------------------------ loop
-    def evaluate(self) -> dict:
-        if self.cfg.DIST.AVERAGE_NORM_STATS:
-            average_norm_statistics(self.model)
-        metrics = evaluate(self.model, self.val_loader, self.cfg, self.info, self.val_size, self.show)
-        self.log.info(
-            f"eval epoch {self.epoch}: top-1 err {metrics['top1_err']:.2f}%  top-5 err {metrics['top5_err']:.2f}%  "
-            f"(acc {metrics['top1_acc']:.2f}% / {metrics['top5_acc']:.2f}%) over {metrics['samples']} images"
-        )
-        self.log.scalars({k: metrics[k] for k in ("top1_err", "top5_err", "top1_acc", "top5_acc", "loss")}, self.step, "val/")
-        return metrics
-
-    def train_steps(self) -> None:
-        cfg, info = self.cfg, self.info
-        self.ddp.train()
-        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-        window = {"steps": 0, "data": 0.0, "start": time.time()}
-        bar = progress(self.train_loader, self.show, total=self.steps_per_epoch, desc=f"epoch {self.epoch}", initial=self.batch_in_epoch)
-        end = time.time()
-        for images, targets in bar:
-            window["data"] += time.time() - end
-            images = images.to(info.device, non_blocking=True)
-            targets = targets.to(info.device, non_blocking=True)
-            if cfg.SOLVER.CHANNELS_LAST:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(cfg.SOLVER.AMP, info.device):
-                loss = self.criterion(self.ddp(images), targets)
-            if not all_finite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at epoch {self.epoch}, step {self.step}; stopping. "
-                    f"The last good checkpoint is {self.checkpoint_path}"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.step += 1
-            self.batch_in_epoch += 1
-            window["steps"] += 1
-            if self.recorder is not None and self.step % cfg.STATS.PERIOD == 0:
-                self.recorder.write(self.step)
-            if self.step % cfg.LOG.PERIOD == 0:
-                self._log_window(window, loss)
-            if cfg.CHECKPOINT.PERIOD_STEPS and self.step % cfg.CHECKPOINT.PERIOD_STEPS == 0 and self.batch_in_epoch < self.steps_per_epoch:
-                self.save()
-            if self.step >= self.total_steps:
-                break
-            end = time.time()
-        if self.batch_in_epoch >= self.steps_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-    def _log_window(self, window: dict, loss: torch.Tensor) -> None:
-        elapsed = time.time() - window["start"]
-        images = window["steps"] * self.cfg.DATA.BATCH_SIZE * self.info.world_size
-        values = {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": images / max(elapsed, 1e-9),
-                  "data_time": window["data"] / window["steps"]}
-        self.log.scalars(values, self.step, "train/")
-        self.log.info(
-            f"epoch {self.epoch} step {self.step}/{self.total_steps}  loss {values['loss']:.4f}  lr {values['lr']:.5f}  "
-            f"{values['images_per_s']:.1f} img/s  data {values['data_time']:.3f}s"
-        )
-        window.update(steps=0, data=0.0, start=time.time())
-
-    def fit(self) -> dict:
-        cfg = self.cfg
-        self.log.info(f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch) at lr {self.lr:g} "
-                      f"on {self.info.world_size} process(es) x {cfg.DATA.BATCH_SIZE} images")
-        while self.step < self.total_steps:
-            self.train_steps()
-            epoch_done = self.batch_in_epoch == 0
-            last = self.step >= self.total_steps
-            if last or (epoch_done and self.epoch % cfg.TEST.EVAL_PERIOD == 0):
-                self.metrics = {**self.evaluate(), "epoch": self.epoch, "step": self.step}
-                if self.info.is_main:
-                    write_json({**self.metrics, "finished": last, "total_steps": self.total_steps}, os.path.join(cfg.OUTPUT_DIR, "metrics.json"))
-            if epoch_done or last:
-                self.save()
-        if self.info.is_main:
-            final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-            save_checkpoint({"model": self.model.state_dict(), "config": cfg.dump(), "metrics": self.metrics}, final)
-            self.log.info(f"saved {final}")
-        if self.recorder is not None:
-            self.recorder.close()
-        return self.metrics
+    # loop: train an epoch, evaluate, save
+    log.info(f"training {schedule.total_steps} steps ({schedule.steps_per_epoch} per epoch) at lr {lr:g} "
+             f"on {info.world_size} process(es) x {cfg.DATA.BATCH_SIZE} images")
+    while progress.step < schedule.total_steps:
+        train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, train_loader, sampler, progress, schedule,
+                        cfg, info, log, save, recorder)
+        epoch_done = progress.batch_in_epoch == 0
+        last = progress.step >= schedule.total_steps
+        if last or (epoch_done and progress.epoch % cfg.TEST.EVAL_PERIOD == 0):
+            if cfg.DIST.AVERAGE_NORM_STATS:
+                average_norm_statistics(model)
+            metrics = {**evaluate(model, val_loader, cfg, info, len(val_set), info.is_main and cfg.LOG.PROGRESS),
+                       "epoch": progress.epoch, "step": progress.step}
+            log.info(report(metrics, f"eval epoch {progress.epoch}"))
+            log.scalars({k: metrics[k] for k in ("top1_err", "top5_err", "top1_acc", "top5_acc", "loss")}, progress.step, "val/")
+            if info.is_main:
+                write_json({**metrics, "finished": last, "total_steps": schedule.total_steps},
+                           os.path.join(cfg.OUTPUT_DIR, "metrics.json"))
+        if epoch_done or last:
+            save()
+    # the final model
+    checkpointer.save_final(metrics)
+    if recorder is not None:
+        recorder.close()
+    return metrics
 
 
 def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | None) -> dict:
@@ -292,21 +327,17 @@ def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | No
     if not path:
         raise ConfigError("--test-only needs --checkpoint PATH or MODEL.WEIGHTS")
     _, val_set = build_datasets(cfg)
-    val_loader = DataLoader(Subset(val_set, shard_indices(len(val_set), info.rank, info.world_size)),
-                            batch_size=cfg.TEST.BATCH_SIZE, num_workers=cfg.DATA.WORKERS)
     model = build_model(cfg).to(info.device)
     load_weights(model, path, "--checkpoint" if checkpoint else "MODEL.WEIGHTS", MUST_MATCH)
-    metrics = evaluate(model, val_loader, cfg, info, len(val_set), info.is_main and cfg.LOG.PROGRESS)
-    log.info(f"{path}: top-1 err {metrics['top1_err']:.2f}%  top-5 err {metrics['top5_err']:.2f}%  "
-             f"(acc {metrics['top1_acc']:.2f}% / {metrics['top5_acc']:.2f}%) over {metrics['samples']} images")
+    metrics = evaluate(model, build_val_loader(cfg, info, val_set), cfg, info, len(val_set), info.is_main and cfg.LOG.PROGRESS)
+    log.info(report(metrics, path))
     if info.is_main:
         write_json({**metrics, "checkpoint": os.path.abspath(path)}, os.path.join(cfg.OUTPUT_DIR, "eval.json"))
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, __doc__, get_default_config, check_config,
-               lambda cfg, info, log, resume: Trainer(cfg, info, log, resume).fit(), test_only)
+    return run(argv, __doc__, get_default_config, check_config, train, test_only)
 
 
 if __name__ == "__main__":

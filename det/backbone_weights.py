@@ -29,9 +29,9 @@ from typing import Mapping, Union
 import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 import mabn
+from mabn.layers.registry import has_running_statistics, is_norm
 
 BODY_PREFIX = "backbone.body."
 CLASSIFIER_PREFIX = "fc."  # the ImageNet classifier has no counterpart in a detector
@@ -41,7 +41,6 @@ PROGRESS_BUFFERS = ("num_batches_tracked", "num_steps", "num_norm_batches", "win
 # Buffers only MABN has: their presence marks a MABN-format source layer.
 MABN_MARKERS = ("num_steps", "num_norm_batches", "window_var", "window_psi")
 NORM_ENTRIES = ("weight", "bias", "running_mean", "running_var") + PROGRESS_BUFFERS
-NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d, nn.GroupNorm, mabn.BatchRenorm2d, mabn.MABN2d)
 
 Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
@@ -88,7 +87,7 @@ def load_backbone_weights(model: nn.Module, checkpoint_or_state_dict: Source, re
             refused_modules.add(module_name)
 
     for module_name, module in modules.items():
-        if isinstance(module, NORMS):
+        if is_norm(module):
             for entry, value in _fresh_progress(module).items():
                 key = f"{module_name}.{entry}"
                 if key not in new_state:
@@ -145,7 +144,7 @@ def _body_of(model: nn.Module) -> nn.Module:
 def _translate(name: str, module: nn.Module, entries: dict, reset: bool) -> tuple[dict, list]:
     """``(entries for the module's state_dict, problems)``: a norm gets the checkpoint layer's parameters
     and statistics in its own format; any other module takes the entries unchanged."""
-    if not isinstance(module, NORMS):
+    if not is_norm(module):
         return entries, []
     unknown = [f"{name}.{entry} (not a norm parameter or buffer)" for entry in entries if entry not in NORM_ENTRIES]
     if unknown:
@@ -156,9 +155,9 @@ def _translate(name: str, module: nn.Module, entries: dict, reset: bool) -> tupl
     progress = {} if reset else {k: v for k, v in entries.items() if k in PROGRESS_BUFFERS and k in own_buffers}
     affine = {k: entries[k] for k in ("weight", "bias") if k in entries}
     statistics = {k: entries[k] for k in ("running_mean", "running_var") if k in entries}
-    if isinstance(module, nn.GroupNorm):  # GN / LN / IN keep no statistics
+    if not has_running_statistics(module):  # GN / LN / IN keep no statistics
         return affine, []
-    if isinstance(module, mabn.MABN2d):
+    if isinstance(module, mabn.MovingAverageBatchNorm):
         if not source_is_mabn:
             statistics = _mabn_statistics_from_bn(module, statistics)
         return {**affine, **statistics, **progress}, []
@@ -182,7 +181,7 @@ def _mabn_statistics_from_bn(module: nn.Module, statistics: dict) -> dict:
 @torch.no_grad()
 def _fresh_progress(module: nn.Module) -> dict:
     """The module's progress buffers as a newly built layer holds them."""
-    if isinstance(module, mabn.MABN2d):
+    if isinstance(module, mabn.MovingAverageBatchNorm):
         # A fresh layer with the same window layout, so that the seeding (zeros or, for the classification
         # warm-up, ones) stays MABN's own business.
         fresh = type(module)(module.num_features, buffer_size=module.buffer_size, warmup=module.warmup, reduced_stats=module.reduced_stats)

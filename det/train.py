@@ -18,8 +18,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import time
-import warnings
+from dataclasses import asdict, dataclass
+
+if __package__ in (None, ""):  # run as a script (torchrun det/train.py): the repository root holds det/ and mabn/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 from torch import nn
@@ -32,14 +36,14 @@ from det.evaluation import IOU_TYPES, CocoEvaluator, write_json
 from det.model import NO_NORM, build_mask_rcnn
 from det.sampler import GroupedBatchSampler, aspect_ratio_group_ids, collate_fn
 from det.transforms import build_transforms
-from mabn.checkpoint import CheckpointedTrainer, load_weights, save_checkpoint
-from mabn.config import CfgNode, ConfigError
-from mabn.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics
-from mabn.launch import NonFiniteLossError, autocast, run
-from mabn.layers.factory import NORMS, is_norm
-from mabn.run_log import RunLogger, progress
-from mabn.sampling import SeededDataset, shard_indices
-from mabn.solver import LRSchedule, build_scheduler, build_sgd, linear_scaled_lr
+from mabn.engine.checkpoint import Checkpointer, load_weights, resume_path
+from mabn.engine.config import CfgNode, ConfigError
+from mabn.engine.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, wrap_ddp
+from mabn.engine.launch import NonFiniteLossError, autocast, run
+from mabn.engine.logger import RunLogger, progress_bar
+from mabn.engine.sampling import SeededDataset, shard_indices
+from mabn.engine.solver import LRSchedule, build_scheduler, build_sgd, linear_scaled_lr
+from mabn.layers.registry import NORMS, is_norm
 
 # The lines of COCOeval's output worth keeping in the log: the 12-line AP / AR table of each IoU type.
 TABLE_LINES = ("IoU metric", " Average Precision", " Average Recall", "no detections")
@@ -223,7 +227,7 @@ def evaluate(model: nn.Module, loader: DataLoader, val_set: CocoDetection, cfg: 
     """COCO box and mask metrics (percent) of the whole validation set, each rank predicting its shard."""
     model.eval()
     evaluator = CocoEvaluator(val_set.coco, IOU_TYPES, val_set.label_to_category_id)
-    for images, targets in progress(loader, show, total=len(loader), desc="eval"):
+    for images, targets in progress_bar(loader, show, total=len(loader), desc="eval"):
         images = [image.to(info.device, non_blocking=True) for image in images]
         with autocast(cfg.SOLVER.AMP, info.device):
             outputs = model(images)
@@ -254,154 +258,168 @@ def headline(metrics: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- train
-class Trainer(CheckpointedTrainer):
-    COUNTERS = ("iter", "epoch", "batch_in_epoch")  # what a checkpoint restores besides model, optimizer, scheduler, scaler, RNG
+@dataclass
+class Progress:
+    """What a checkpoint restores besides model, optimizer, scheduler, scaler and RNG states."""
 
-    def __init__(self, cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None):
-        self.cfg, self.info, self.log = cfg, info, log
-        self.show = info.is_main and cfg.LOG.PROGRESS
-        self.val_set = build_val_set(cfg)
-        train_set, group_ids = build_train_set(cfg, self.val_set)
-        self.batches, self.train_loader = build_train_loader(cfg, info, train_set, group_ids)
-        self.val_loader = build_val_loader(cfg, info, self.val_set)
-        self.max_iter = cfg.SOLVER.MAX_ITER
+    iter: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
 
-        self.checkpoint_path = os.path.join(cfg.OUTPUT_DIR, "checkpoint.pth")
-        if resume == "" or (resume is None and os.path.isfile(self.checkpoint_path)):
-            resume = self.checkpoint_path  # --resume without a path, or a run that was interrupted
 
-        torch.manual_seed(cfg.SEED)  # identical initial weights on every rank
-        self.model = build_model(cfg, num_classes(cfg, self.val_set)).to(info.device)
-        if not resume:  # a checkpoint holds everything; the initial weights may since have moved
-            if cfg.MODEL.BACKBONE_WEIGHTS:
-                load_backbone(self.model, cfg.MODEL.BACKBONE_WEIGHTS, log)
-            if cfg.MODEL.WEIGHTS:
-                load_weights(self.model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", MUST_MATCH)
-        self.frozen_norms = frozen_norms(self.model)
-        torch.manual_seed(cfg.SEED + 1 + info.rank)  # from here on, each rank draws its own RPN / RoI samples
+def build_training_model(cfg: CfgNode, info: DistInfo, log: RunLogger, num_classes_: int, resuming: bool) -> nn.Module:
+    """The detector on its device, identical on every rank, from the configured weights unless a checkpoint
+    (which holds everything, and whose weights have since moved) is resumed."""
+    torch.manual_seed(cfg.SEED)
+    model = build_model(cfg, num_classes_).to(info.device)
+    if not resuming:
+        if cfg.MODEL.BACKBONE_WEIGHTS:
+            load_backbone(model, cfg.MODEL.BACKBONE_WEIGHTS, log)
+        if cfg.MODEL.WEIGHTS:
+            load_weights(model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", MUST_MATCH)
+    return model
 
-        s = cfg.SOLVER
-        self.lr = linear_scaled_lr(s.BASE_LR, s.IMS_PER_GPU * info.world_size, s.REFERENCE_BATCH)
-        self.optimizer = build_sgd(self.model, self.lr, s.MOMENTUM, s.WEIGHT_DECAY, s.NORM_WEIGHT_DECAY)
-        schedule = LRSchedule("step", self.max_iter, s.STEPS, s.GAMMA, s.WARMUP_ITERS, s.WARMUP_FACTOR)
-        self.scheduler = build_scheduler(self.optimizer, schedule)
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=s.AMP == "fp16")
-        self.iter, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.metrics: dict = {}
-        if resume:
-            self._restore(resume)
-        self.ddp = self.model
-        if info.enabled:
-            # MABN keeps per-rank windows: buffers must not be overwritten by rank 0's on every forward.
-            # (torch 2.14 deprecates broadcast_buffers, but its successor still syncs buffers at init.)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-                self.ddp = nn.parallel.DistributedDataParallel(
-                    self.model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-                    broadcast_buffers=False, find_unused_parameters=cfg.DIST.FIND_UNUSED_PARAMETERS,
-                )
 
-    # ------------------------------------------------------------------ loop
-    def train_mode(self) -> None:
-        self.ddp.train()
-        for module in self.frozen_norms:
-            module.eval()
+def build_optimizer(cfg: CfgNode, info: DistInfo, model: nn.Module):
+    """``(optimizer, lr scheduler, grad scaler, lr)``: SGD at the linearly scaled rate, step schedule with warm-up."""
+    s = cfg.SOLVER
+    lr = linear_scaled_lr(s.BASE_LR, s.IMS_PER_GPU * info.world_size, s.REFERENCE_BATCH)
+    optimizer = build_sgd(model, lr, s.MOMENTUM, s.WEIGHT_DECAY, s.NORM_WEIGHT_DECAY)
+    scheduler = build_scheduler(optimizer, LRSchedule("step", s.MAX_ITER, s.STEPS, s.GAMMA, s.WARMUP_ITERS, s.WARMUP_FACTOR))
+    scaler = torch.amp.GradScaler(info.device.type, enabled=s.AMP == "fp16")
+    return optimizer, scheduler, scaler, lr
 
-    def evaluate(self) -> dict:
-        if self.cfg.DIST.AVERAGE_NORM_STATS:
-            average_norm_statistics(self.model)
-        metrics = evaluate(self.model, self.val_loader, self.val_set, self.cfg, self.info, self.log, self.show)
-        self.log.info(f"eval at iteration {self.iter}: {headline(metrics)}")
-        for iou_type in IOU_TYPES:
-            self.log.scalars(metrics[iou_type], self.iter, f"val/{iou_type}/")
-        self.metrics = {**metrics, "iter": self.iter}
-        if self.info.is_main:
-            # metrics.json: box_AP, ..., mask_AP75, the bbox / segm dicts and the progress of the run
-            write_json({**metrics, "iter": self.iter, "max_iter": self.max_iter, "finished": self.iter >= self.max_iter},
-                       os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))
-        self.train_mode()
-        return metrics
 
-    def _batches(self):
-        """Batches from (epoch, batch_in_epoch) on, epoch after epoch; the loop counts batch_in_epoch."""
-        while True:
-            self.batches.set_epoch(self.epoch, self.batch_in_epoch)
-            yield from self.train_loader
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+def train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
+    model.train()
+    for module in frozen:
+        module.eval()
 
-    def step(self, images: list, targets: list) -> dict:
-        info = self.info
-        images = [image.to(info.device, non_blocking=True) for image in images]
-        targets = [{k: v.to(info.device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with autocast(self.cfg.SOLVER.AMP, info.device):
-            losses = self.ddp(images, targets)
-        loss = sum(losses.values())
-        if not all_finite(loss):
-            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at iteration {self.iter} ({terms}); stopping. "
-                f"The last good checkpoint is {self.checkpoint_path}"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
 
-    def _log_window(self, window: dict, losses: dict, lr: float) -> None:
-        # Every rank takes part in the reduction: the logged losses are the means over all ranks.
-        names = list(losses)
-        values = all_reduce_sum(torch.stack([losses[k].float() for k in names])) / self.info.world_size
-        elapsed = time.time() - window["start"]
-        iter_time = elapsed / window["iters"]
-        scalars = {**dict(zip(names, values.tolist())), "lr": lr, "iter_time": iter_time,
-                   "data_time": window["data"] / window["iters"],
-                   "images_per_s": window["iters"] * self.cfg.SOLVER.IMS_PER_GPU * self.info.world_size / max(elapsed, 1e-9)}
-        self.log.scalars(scalars, self.iter, "train/")
-        eta = int(iter_time * (self.max_iter - self.iter))
-        terms = "  ".join(f"{k} {scalars[k]:.4f}" for k in names)
-        self.log.info(f"iter {self.iter}/{self.max_iter}  {terms}  lr {scalars['lr']:.5f}  {iter_time:.3f}s/iter "
-                      f"(data {scalars['data_time']:.3f}s)  eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
-        window.update(iters=0, data=0.0, start=time.time())
+def endless_batches(batches: ResumableGroupedBatches, loader: DataLoader, progress: Progress):
+    """Batches from ``(progress.epoch, progress.batch_in_epoch)`` on, epoch after epoch; the caller counts
+    ``batch_in_epoch``, this moves ``epoch`` on."""
+    while True:
+        batches.set_epoch(progress.epoch, progress.batch_in_epoch)
+        yield from loader
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
 
-    def fit(self) -> dict:
-        cfg = self.cfg
-        self.log.info(f"training {self.max_iter} iterations ({self.batches.batches_per_epoch()} per epoch) at lr {self.lr:g} "
-                      f"on {self.info.world_size} process(es) x {cfg.SOLVER.IMS_PER_GPU} images, norm {cfg.MODEL.NORM}")
-        self.train_mode()
-        window = {"iters": 0, "data": 0.0, "start": time.time()}
-        end = time.time()
-        if self.iter < self.max_iter:
-            bar = progress(self._batches(), self.show, total=self.max_iter, desc="train", initial=self.iter)
-            for images, targets in bar:
-                window["data"] += time.time() - end
-                lr = self.optimizer.param_groups[0]["lr"]  # this iteration's; the scheduler steps after it
-                losses = self.step(images, targets)
-                self.iter += 1
-                self.batch_in_epoch += 1
-                window["iters"] += 1
-                if self.iter % cfg.LOG.PERIOD == 0 or self.iter == self.max_iter:
-                    self._log_window(window, losses, lr)
-                if self.iter >= self.max_iter:
-                    break
-                evaluate = cfg.TEST.EVAL_PERIOD and self.iter % cfg.TEST.EVAL_PERIOD == 0
-                save = cfg.CHECKPOINT.PERIOD and self.iter % cfg.CHECKPOINT.PERIOD == 0
-                if evaluate:
-                    self.evaluate()
-                if save:
-                    self.save()
-                if evaluate or save:  # keep their time out of the iteration times
-                    window.update(iters=0, data=0.0, start=time.time())
-                end = time.time()
-        if self.metrics.get("iter") != self.iter:  # not when rerunning a finished run
-            self.evaluate()
-        self.save()
-        if self.info.is_main:
-            final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-            save_checkpoint({"model": self.model.state_dict(), "config": cfg.dump(), "metrics": self.metrics}, final)
-            self.log.info(f"saved {final}")
-        return self.metrics
+
+def train_step(model: nn.Module, optimizer, scheduler, scaler, images: list, targets: list, progress: Progress,
+               cfg: CfgNode, info: DistInfo) -> dict:
+    """One SGD iteration; returns the detached losses."""
+    images = [image.to(info.device, non_blocking=True) for image in images]
+    targets = [{k: v.to(info.device, non_blocking=True) for k, v in t.items()} for t in targets]
+    with autocast(cfg.SOLVER.AMP, info.device):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    if not all_finite(loss):
+        terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at iteration {progress.iter} ({terms}); stopping. "
+            f"The last good checkpoint is {os.path.join(cfg.OUTPUT_DIR, 'checkpoint.pth')}"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+
+def log_window(window: dict, losses: dict, lr: float, progress: Progress, cfg: CfgNode, info: DistInfo, log: RunLogger) -> None:
+    # Every rank takes part in the reduction: the logged losses are the means over all ranks.
+    names = list(losses)
+    values = all_reduce_sum(torch.stack([losses[k].float() for k in names])) / info.world_size
+    elapsed = time.time() - window["start"]
+    iter_time = elapsed / window["iters"]
+    max_iter = cfg.SOLVER.MAX_ITER
+    scalars = {**dict(zip(names, values.tolist())), "lr": lr, "iter_time": iter_time,
+               "data_time": window["data"] / window["iters"],
+               "images_per_s": window["iters"] * cfg.SOLVER.IMS_PER_GPU * info.world_size / max(elapsed, 1e-9)}
+    log.scalars(scalars, progress.iter, "train/")
+    eta = int(iter_time * (max_iter - progress.iter))
+    terms = "  ".join(f"{k} {scalars[k]:.4f}" for k in names)
+    log.info(f"iter {progress.iter}/{max_iter}  {terms}  lr {scalars['lr']:.5f}  {iter_time:.3f}s/iter "
+             f"(data {scalars['data_time']:.3f}s)  eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+    window.update(iters=0, data=0.0, start=time.time())
+
+
+def evaluate_and_report(model: nn.Module, loader: DataLoader, val_set: CocoDetection, progress: Progress, cfg: CfgNode,
+                        info: DistInfo, log: RunLogger) -> dict:
+    """Evaluate with the inference statistics of all ranks, log the tables, write ``metrics.json``."""
+    if cfg.DIST.AVERAGE_NORM_STATS:
+        average_norm_statistics(model)
+    metrics = evaluate(model, loader, val_set, cfg, info, log, info.is_main and cfg.LOG.PROGRESS)
+    log.info(f"eval at iteration {progress.iter}: {headline(metrics)}")
+    for iou_type in IOU_TYPES:
+        log.scalars(metrics[iou_type], progress.iter, f"val/{iou_type}/")
+    if info.is_main:
+        # metrics.json: box_AP, ..., mask_AP75, the bbox / segm dicts and the progress of the run
+        max_iter = cfg.SOLVER.MAX_ITER
+        write_json({**metrics, "iter": progress.iter, "max_iter": max_iter, "finished": progress.iter >= max_iter},
+                   os.path.join(cfg.OUTPUT_DIR, "metrics.json"))
+    return {**metrics, "iter": progress.iter}
+
+
+def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> dict:
+    # data
+    val_set = build_val_set(cfg)
+    train_set, group_ids = build_train_set(cfg, val_set)
+    batches, train_loader = build_train_loader(cfg, info, train_set, group_ids)
+    val_loader = build_val_loader(cfg, info, val_set)
+    # model and optimizer
+    resume_from = resume_path(cfg.OUTPUT_DIR, resume)
+    model = build_training_model(cfg, info, log, num_classes(cfg, val_set), resuming=bool(resume_from))
+    frozen = frozen_norms(model)
+    torch.manual_seed(cfg.SEED + 1 + info.rank)  # from here on, each rank draws its own RPN / RoI samples
+    optimizer, scheduler, scaler, lr = build_optimizer(cfg, info, model)
+    # resume
+    checkpointer = Checkpointer(cfg, info, log, model, optimizer, scheduler, scaler, tuple(asdict(Progress())))
+    progress, metrics = Progress(), {}
+    if resume_from:
+        counters, metrics = checkpointer.resume(resume_from)
+        progress = Progress(**counters)
+    ddp_model = wrap_ddp(model, info, cfg.DIST.FIND_UNUSED_PARAMETERS)
+
+    # loop: iterate, evaluating and saving every so often
+    max_iter = cfg.SOLVER.MAX_ITER
+    log.info(f"training {max_iter} iterations ({batches.batches_per_epoch()} per epoch) at lr {lr:g} "
+             f"on {info.world_size} process(es) x {cfg.SOLVER.IMS_PER_GPU} images, norm {cfg.MODEL.NORM}")
+    train_mode(ddp_model, frozen)
+    window = {"iters": 0, "data": 0.0, "start": time.time()}
+    end = time.time()
+    if progress.iter < max_iter:
+        bar = progress_bar(endless_batches(batches, train_loader, progress), info.is_main and cfg.LOG.PROGRESS,
+                           total=max_iter, desc="train", initial=progress.iter)
+        for images, targets in bar:
+            window["data"] += time.time() - end
+            lr = optimizer.param_groups[0]["lr"]  # this iteration's; the scheduler steps after it
+            losses = train_step(ddp_model, optimizer, scheduler, scaler, images, targets, progress, cfg, info)
+            progress.iter += 1
+            progress.batch_in_epoch += 1
+            window["iters"] += 1
+            if progress.iter % cfg.LOG.PERIOD == 0 or progress.iter == max_iter:
+                log_window(window, losses, lr, progress, cfg, info, log)
+            if progress.iter >= max_iter:
+                break
+            evaluate_now = cfg.TEST.EVAL_PERIOD and progress.iter % cfg.TEST.EVAL_PERIOD == 0
+            save_now = cfg.CHECKPOINT.PERIOD and progress.iter % cfg.CHECKPOINT.PERIOD == 0
+            if evaluate_now:
+                metrics = evaluate_and_report(model, val_loader, val_set, progress, cfg, info, log)
+                train_mode(ddp_model, frozen)
+            if save_now:
+                checkpointer.save(asdict(progress), metrics)
+            if evaluate_now or save_now:  # keep their time out of the iteration times
+                window.update(iters=0, data=0.0, start=time.time())
+            end = time.time()
+    # final evaluation (not when rerunning a finished run), checkpoint and model
+    if metrics.get("iter") != progress.iter:
+        metrics = evaluate_and_report(model, val_loader, val_set, progress, cfg, info, log)
+        train_mode(ddp_model, frozen)
+    checkpointer.save(asdict(progress), metrics)
+    checkpointer.save_final(metrics)
+    return metrics
 
 
 def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | None) -> dict:
@@ -419,8 +437,7 @@ def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, __doc__, get_default_config, check_config,
-               lambda cfg, info, log, resume: Trainer(cfg, info, log, resume).fit(), test_only)
+    return run(argv, __doc__, get_default_config, check_config, train, test_only)
 
 
 if __name__ == "__main__":

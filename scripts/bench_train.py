@@ -16,20 +16,23 @@ side: the only comparison these noisy machines allow.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import sys
-import shutil
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's cls/ (not installed)
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cls import train as cls_train
 from cls.config import get_default_config
-from cls.train import Trainer, build_model
-from mabn.distributed import init_distributed
-from mabn.run_log import RunLogger
+from mabn.engine.distributed import init_distributed, wrap_ddp
+from mabn.engine.logger import RunLogger
 
 IMAGENET_RUN_IMAGES = 120 * 1_281_167  # the paper's recipe: 120 epochs of ImageNet-1k train
 CONFIGS = {
@@ -40,16 +43,37 @@ CONFIGS = {
 }
 
 
+class TrainerEpoch:
+    """The cls/ trainer's own steps (cls.train), set up as its ``train()`` sets them up; one call trains an epoch."""
+
+    def __init__(self, cfg, info, log):
+        self.cfg, self.info, self.log = cfg, info, log
+        self.train_set, _ = cls_train.build_datasets(cfg)
+        self.sampler, self.loader = cls_train.build_train_loader(cfg, info, self.train_set)
+        self.schedule = cls_train.build_schedule(cfg, self.sampler)
+        self.model = cls_train.build_training_model(cfg, info)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.SOLVER.LABEL_SMOOTHING)
+        self.optimizer, self.scheduler, self.scaler, self.lr = cls_train.build_optimizer(cfg, info, self.model, self.schedule)
+        self.ddp_model = wrap_ddp(self.model, info)
+        self.progress = cls_train.Progress()
+
+    def __call__(self) -> None:
+        cls_train.train_one_epoch(self.ddp_model, self.criterion, self.optimizer, self.scheduler, self.scaler, self.loader,
+                                  self.sampler, self.progress, self.schedule, self.cfg, self.info, self.log, save=lambda: None)
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
 class PlainLoop:
     """What the trainer does, minus everything it adds: forward, loss, backward, SGD step."""
 
-    def __init__(self, cfg, trainer: Trainer, device):
+    def __init__(self, cfg, trainer: TrainerEpoch, device):
         self.device = device
         torch.manual_seed(cfg.SEED)
-        self.model = build_model(cfg).to(device)
+        self.model = cls_train.build_model(cfg).to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=trainer.lr, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.SOLVER.LABEL_SMOOTHING)
-        dataset = trainer.train_loader.dataset.dataset  # the trainer's synthetic set, without its seeding wrapper
+        dataset = trainer.train_set  # the trainer's synthetic set, without its seeding wrapper
         workers = cfg.DATA.WORKERS
         self.loader = DataLoader(dataset, batch_size=cfg.DATA.BATCH_SIZE, shuffle=True, drop_last=True, num_workers=workers,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0)
@@ -104,21 +128,14 @@ def bench(args, cuda: bool, size: int, steps: int, info, output: str) -> int:
             "OUTPUT_DIR", f"{output}/{name}", *overrides,
         ])
         cfg.freeze()
-        trainers[name] = Trainer(cfg, info, RunLogger(cfg.OUTPUT_DIR, tensorboard=False), resume=None)
+        trainers[name] = TrainerEpoch(cfg, info, RunLogger(cfg.OUTPUT_DIR, tensorboard=False))
         if name in ("BN-32", "MABN-2"):
             loops[name] = PlainLoop(cfg, trainers[name], info.device)
-
-    def trainer_epoch(trainer):
-        def run():
-            trainer.train_steps()
-            if cuda:
-                torch.cuda.synchronize()
-        return run
 
     # Each plain loop runs right beside the trainer it is compared with, after it in even rounds and before it
     # in odd ones, and their ratio is the median of the per-round ratios: slow spells of a shared machine last
     # seconds, so only epochs measured next to each other compare.
-    runs = {f"trainer {n}": trainer_epoch(t) for n, t in trainers.items()}
+    runs = {f"trainer {n}": t for n, t in trainers.items()}
     runs.update({f"plain loop {n}": loop.epoch for n, loop in loops.items()})
     groups = [[f"trainer {n}"] + ([f"plain loop {n}"] if n in loops else []) for n in trainers]
     for run in runs.values():  # warm-up: compiled kernels, allocator, data workers

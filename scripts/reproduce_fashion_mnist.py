@@ -23,7 +23,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, ROOT]  # sibling scripts, and the checkout's cls/ (the trainers are not installed)
 
 from collect_results import plot_error_vs_b  # noqa: E402  (sibling script)
 from plot_batch_stats import plot as plot_batch_statistics  # noqa: E402

@@ -1,7 +1,9 @@
 import os
 import sys
 
-# Test helpers (the loop re-implementation of the spec, data generators) live beside the tests.
+# The repository root (cls/, det/ and mabn/ are imported from the checkout, not installed) and the test helpers
+# (the loop re-implementation of the algorithm, data generators) that live beside the tests.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(__file__))
 
 # The fused kernels are compiled once per layer configuration (seconds each on two cores). Most tests check

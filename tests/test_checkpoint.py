@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mabn.checkpoint import (
+from mabn.engine.checkpoint import (
     CheckpointError, load_checkpoint, load_training_checkpoint, model_state_dict, own_rank_state, rank_state, rng_states,
     save_checkpoint, save_training_checkpoint, set_rng_states,
 )

@@ -104,8 +104,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
 def test_torchvision_resnet50_weights_load_into_the_bn_model(tmp_path):
     from cls.config import get_default_config
     from cls.train import MUST_MATCH, build_model
-    from mabn.checkpoint import load_weights
-    from mabn.config import ConfigError
+    from mabn.engine.checkpoint import load_weights
+    from mabn.engine.config import ConfigError
 
     weights = torchvision.models.resnet50().state_dict()
     path = tmp_path / "tv.pth"

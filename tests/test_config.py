@@ -4,7 +4,7 @@ import os
 import pytest
 import yaml
 
-from mabn.config import CfgNode, ConfigError, load_config, one_of, optional
+from mabn.engine.config import CfgNode, ConfigError, load_config, one_of, optional
 
 
 def _defaults():

@@ -12,8 +12,8 @@ from cls.train import build_model, check_config
 from det.config import get_default_config as det_defaults
 from det.train import build_model as build_detector
 from det.train import check_config as check_det_config
-from mabn.config import load_config
-from mabn.solver import build_sgd
+from mabn.engine.config import load_config
+from mabn.engine.solver import build_sgd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "cls", "**", "*.yaml"), recursive=True))

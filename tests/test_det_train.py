@@ -161,23 +161,29 @@ def test_finetune_from_a_cls_mabn_checkpoint(shapes, tmp_path, capsys):
 
 def test_frozen_stages_keep_their_norms_in_eval_mode(shapes, tmp_path):
     """TRAINABLE_BACKBONE_LAYERS 3 freezes the stem and layer1: their BN statistics must not move either."""
+    from det import train as det_train
     from det.config import get_default_config
-    from det.train import Trainer
-    from mabn.config import load_config
-    from mabn.distributed import init_distributed
-    from mabn.run_log import RunLogger
+    from mabn.engine.config import load_config
+    from mabn.engine.distributed import init_distributed
+    from mabn.engine.logger import RunLogger
 
     args = tiny_args("scratch_bn_2.yaml", shapes, tmp_path, "MODEL.TRAINABLE_BACKBONE_LAYERS", "3")
     cfg = load_config(get_default_config(), args[1], args[2:])
     log = RunLogger(str(tmp_path), tensorboard=False)
-    trainer = Trainer(cfg, init_distributed("cpu"), log, None)
-    body = trainer.model.backbone.body
+    info = init_distributed("cpu")
+    val_set = det_train.build_val_set(cfg)
+    batches, loader = det_train.build_train_loader(cfg, info, *det_train.build_train_set(cfg, val_set))
+    model = det_train.build_training_model(cfg, info, log, det_train.num_classes(cfg, val_set), resuming=False)
+    optimizer, scheduler, scaler, _ = det_train.build_optimizer(cfg, info, model)
+    body = model.backbone.body
     frozen, trained = (body.bn1, body.layer1[0].bn1), (body.layer2[0].bn1, body.layer4[2].bn3)
     before = [m.running_mean.clone() for m in frozen + trained]
-    trainer.train_mode()
+    det_train.train_mode(model, det_train.frozen_norms(model))
     assert [m.training for m in frozen + trained] == [False, False, True, True]
     assert not body.conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
-    trainer.step(*next(trainer._batches()))
+    progress = det_train.Progress()
+    images, targets = next(det_train.endless_batches(batches, loader, progress))
+    det_train.train_step(model, optimizer, scheduler, scaler, images, targets, progress, cfg, info)
     after = [m.running_mean for m in frozen + trained]
     assert [torch.equal(b, a) for b, a in zip(before, after)] == [True, True, False, False]
     log.close()
@@ -187,8 +193,8 @@ def test_several_training_sets_are_concatenated_like_coco_2014_trainval35k(shape
     """DATA.TRAIN_IMAGES / TRAIN_ANNOTATIONS pair up; every set must share the validation set's categories."""
     from det.config import get_default_config
     from det.train import build_train_loader, build_train_set, build_val_set
-    from mabn.config import ConfigError, load_config
-    from mabn.distributed import init_distributed
+    from mabn.engine.config import ConfigError, load_config
+    from mabn.engine.distributed import init_distributed
 
     two = ["DATA.TRAIN_IMAGES", "[train2017, val2017]",
            "DATA.TRAIN_ANNOTATIONS", "[annotations/instances_train2017.json, annotations/instances_val2017.json]"]

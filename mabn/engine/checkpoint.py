@@ -168,30 +168,53 @@ def load_training_checkpoint(path: str, rank: int, world_size: int, model: nn.Mo
     return Resumed({k: state[k] for k in counters}, state.get("metrics", {}), len(state.get("ranks", [])), own is not None)
 
 
-class CheckpointedTrainer:
-    """What both trainers do with their checkpoint: ``save()`` and ``_restore(path)``.
+def resume_path(output_dir: str, resume: Optional[str]) -> Optional[str]:
+    """What a run resumes from: ``--resume PATH``; with ``--resume`` alone, or when an interrupted run left one in
+    ``output_dir``, its ``checkpoint.pth``; else nothing."""
+    path = os.path.join(output_dir, "checkpoint.pth")
+    if resume == "" or (resume is None and os.path.isfile(path)):
+        return path
+    return resume
 
-    A trainer using it has ``cfg``, ``info``, ``log``, ``model``, ``optimizer``, ``scheduler``, ``scaler``,
-    ``metrics``, ``checkpoint_path`` and the progress counters it names in ``COUNTERS``.
+
+class Checkpointer:
+    """Saves and restores the training state of one run, as detectron2's ``Checkpointer`` does: it is given the
+    objects it keeps (model, optimizer, scheduler, scaler) and reads nothing else of the trainer.
+
+    Counters (the trainer's progress: step, epoch, ...) and metrics are passed to :meth:`save` and returned by
+    :meth:`resume` as dicts, so that each trainer keeps its own names for them.
     """
 
-    COUNTERS: tuple[str, ...] = ()
+    def __init__(self, cfg, info, log, model: nn.Module, optimizer, scheduler, scaler, counters: tuple[str, ...]):
+        self.cfg, self.info, self.log = cfg, info, log
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.counters = counters
+        self.path = os.path.join(cfg.OUTPUT_DIR, "checkpoint.pth")
 
-    def _restore(self, path: str) -> None:
+    def resume(self, path: str) -> tuple[dict, dict]:
+        """Restore everything from ``path``; returns ``(counters, metrics)``. Errors are config errors naming ``--resume``."""
         try:
             resumed = load_training_checkpoint(path, self.info.rank, self.info.world_size, self.model, self.optimizer,
-                                               self.scheduler, self.scaler, self.COUNTERS, self.info.device)
+                                               self.scheduler, self.scaler, self.counters, self.info.device)
         except (FileNotFoundError, CheckpointError) as e:
             raise ConfigError(f"--resume: {e}") from None
-        for name, value in resumed.counters.items():
-            setattr(self, name, value)
-        self.metrics = resumed.metrics
         self.log.info(f"resumed from {path} at " + ", ".join(f"{k} {v}" for k, v in resumed.counters.items()))
         if not resumed.exact:
             self.log.info(resumed.inexact_note(self.info.world_size))
+        return resumed.counters, resumed.metrics
 
-    def save(self) -> None:
+    def save(self, counters: dict, metrics: dict) -> None:
+        """Write ``OUTPUT_DIR/checkpoint.pth`` (a collective: every rank calls it)."""
         if self.cfg.DIST.AVERAGE_NORM_STATS:
             average_norm_statistics(self.model)
-        save_training_checkpoint(self.checkpoint_path, self.info.is_main, self.model, self.optimizer, self.scheduler,
-                                 self.scaler, {k: getattr(self, k) for k in self.COUNTERS}, self.cfg.dump(), self.metrics)
+        save_training_checkpoint(self.path, self.info.is_main, self.model, self.optimizer, self.scheduler, self.scaler,
+                                 counters, self.cfg.dump(), metrics)
+
+    def save_final(self, metrics: dict) -> Optional[str]:
+        """``OUTPUT_DIR/model_final.pth``: the weights, the resolved config and the final metrics (rank 0 writes)."""
+        if not self.info.is_main:
+            return None
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        save_checkpoint({"model": self.model.state_dict(), "config": self.cfg.dump(), "metrics": metrics}, final)
+        self.log.info(f"saved {final}")
+        return final

@@ -14,8 +14,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from .convert import convert_model
-from .layers.factory import build_norm
+from mabn import build_norm, convert_model
 
 
 def _norm_layer(norm: str, options: Optional[dict]):

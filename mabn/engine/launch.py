@@ -16,7 +16,7 @@ import torch
 
 from .config import CfgNode, ConfigError, load_config
 from .distributed import DistInfo, cleanup, init_distributed, local_rank_from_argv
-from .run_log import RunLogger
+from .logger import RunLogger
 
 
 class NonFiniteLossError(RuntimeError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -17,8 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layers.batch_renorm import BatchRenorm2d
-from .layers.moving_average_bn import _MovingAverageBatchNorm
+from ..layers.registry import learns_running_statistics
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,22 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_minute
     return DistInfo(rank, world_size, local_rank, torch_device, backend if world_size > 1 else None)
 
 
+def wrap_ddp(model: nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes, else ``model`` itself.
+
+    Buffers are not broadcast: MABN keeps per-rank SMA windows, which rank 0's must not overwrite on every
+    forward (torch 2.14 deprecates ``broadcast_buffers``, but its successor still syncs buffers at init).
+    """
+    if not info.enabled:
+        return model
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=find_unused_parameters,
+        )
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -136,7 +152,7 @@ def average_norm_statistics(model: nn.Module) -> int:
         return 0
     buffers = []
     for module in model.modules():
-        if isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchRenorm2d, _MovingAverageBatchNorm)):
+        if learns_running_statistics(module):
             buffers += [getattr(module, name) for name in _STATISTICS if getattr(module, name, None) is not None]
     if not buffers:
         return 0

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .layers.factory import is_norm
+from ..layers.registry import is_norm
 
 
 def linear_scaled_lr(base_lr: float, total_batch: int, reference_batch: int) -> float:

@@ -69,7 +69,7 @@ class RunLogger:
             self.log.removeHandler(handler)
 
 
-def progress(iterable: Iterable, enabled: bool, total: Optional[int] = None, desc: str = "", initial: int = 0):
+def progress_bar(iterable: Iterable, enabled: bool, total: Optional[int] = None, desc: str = "", initial: int = 0):
     """A tqdm bar on rank 0 (and only when asked), the bare iterable elsewhere."""
     if not enabled:
         return iterable
