@@ -1,9 +1,10 @@
 """Defaults of the detection trainer: the paper's COCO recipe (Mask R-CNN R50-FPN, 2x schedule, 8 x 2 images).
 
 Every YAML under ``configs/det/`` only states what differs from these; every value can be overridden
-on the command line (``SOLVER.BASE_LR 0.01``). See ``mabn/config.py`` for the rules.
+on the command line (``SOLVER.BASE_LR 0.01``). See ``mabn/engine/config.py`` for the rules.
 """
-from mabn.config import CfgNode, one_of, optional
+from mabn.engine.config import CfgNode, one_of, optional
+from mabn.layers.registry import NORMS
 
 _C = CfgNode(
     {
@@ -12,11 +13,14 @@ _C = CfgNode(
         "DEVICE": one_of("auto", "cpu", "cuda"),
         "MODEL": {
             # norm of the ResNet body (det.model.build_mask_rcnn); frozenbn needs BACKBONE_WEIGHTS
-            "NORM": one_of("bn", "brn", "syncbn", "gn", "mabn", "frozenbn", "ln", "in"),
-            # keyword options of the norms (mabn.build_norm), e.g. {buffer_size: 16}; each norm takes those it accepts
+            "NORM": one_of("bn", *NORMS),
+            # keyword options of the body norm (mabn.build_norm), e.g. {buffer_size: 16}
             "NORM_OPTIONS": CfgNode({}, new_allowed=True),
             # norm of the FPN and the RoI heads: a norm name or 'none' (None: NORM, or 'none' for frozenbn)
             "HEAD_NORM": optional(str),
+            # keyword options of the head norm: when it is the body's norm, NORM_OPTIONS updated with these; when it
+            # is another norm, these alone (an option name can mean different things to two norms, e.g. momentum)
+            "HEAD_NORM_OPTIONS": CfgNode({}, new_allowed=True),
             # weight-centered convs (mabn.CenConv2d) in body, FPN and heads (None: exactly for mabn)
             "CENTERED_CONVS": optional(bool),
             # body stages trained, counted from layer4: 5 trains everything (from scratch), 3 freezes stem + layer1

@@ -47,6 +47,7 @@ def build_mask_rcnn(
     min_size: int = 800,
     max_size: int = 1333,
     trainable_backbone_layers: int = 5,
+    head_norm_options: Optional[dict] = None,
     **maskrcnn_kwargs,
 ) -> MaskRCNN:
     """A torchvision ``MaskRCNN`` (ResNet-50-FPN, 4conv1fc box head, 4-conv mask head).
@@ -57,7 +58,9 @@ def build_mask_rcnn(
             'in', 'mabn', 'frozenbn', ...).
         norm_options: options for the norms, e.g. ``{'buffer_size': 16, 'warmup_iters': 100}``; each norm
             gets those it accepts (``mabn.norm_options``). ``norm_batch_size`` reaches the body and the FPN
-            only (see ``IMAGE_BATCH_OPTIONS``). An option that no norm in use accepts is an error.
+            only (see ``IMAGE_BATCH_OPTIONS``). An option that no norm in use accepts is an error, and so is
+            one that the body and head norms read differently (``mabn.option_meaning``: ``momentum`` is
+            MABN's EMA keep-rate but BN's and BRN's update rate): give the heads theirs in ``head_norm_options``.
         centered_convs: make every conv of the body, FPN, box head and mask head a ``mabn.CenConv2d``
             (default: exactly when ``norm == 'mabn'``). The RPN head and the mask predictor stay plain.
         head_norm: norm of the FPN and the box / mask heads (default: ``norm``, except none for
@@ -66,6 +69,8 @@ def build_mask_rcnn(
         min_size, max_size: resize range of the images (short side, cap on the long side).
         trainable_backbone_layers: body stages left trainable, counted from layer4 (5: all, the
             from-scratch setting; fewer freezes the stem and early stages as torchvision does).
+        head_norm_options: options of the head norm only (FPN and RoI heads), over ``norm_options``; each
+            must be one the head norm accepts.
         **maskrcnn_kwargs: passed to ``torchvision.models.detection.MaskRCNN`` (e.g.
             ``box_batch_size_per_image``, ``rpn_post_nms_top_n_test``, ``box_detections_per_img``,
             ``rpn_anchor_generator``).
@@ -79,7 +84,7 @@ def build_mask_rcnn(
         head_norm = NO_NORM if norm == "frozenbn" else norm
     if centered_convs is None:
         centered_convs = norm == "mabn"
-    norm_layers = _NormLayers(norm, head_norm, norm_options or {})
+    norm_layers = _NormLayers(norm, head_norm, norm_options or {}, head_norm_options or {})
 
     body = resnet50(norm_layer=norm_layers.body)
     backbone = _resnet_fpn_extractor(body, trainable_backbone_layers, norm_layer=norm_layers.fpn)
@@ -113,24 +118,37 @@ def fpn_anchor_generator() -> AnchorGenerator:
 class _NormLayers:
     """The ``norm_layer(channels)`` callables of the body, the FPN and the RoI heads, options checked once."""
 
-    def __init__(self, norm: str, head_norm: str, options: dict):
+    def __init__(self, norm: str, head_norm: str, options: dict, head_options: dict):
         in_use = [name for name in dict.fromkeys((norm, head_norm)) if name != NO_NORM]
         accepted = {name: set(mabn.norm_options(name)) for name in in_use}  # also rejects unknown names
         unknown = sorted(set(options) - set().union(*accepted.values()))
         if unknown:
             listing = "; ".join(f"{name!r} accepts {sorted(names)}" for name, names in accepted.items())
             raise ValueError(f"norm_options {unknown} are accepted by no norm in use ({listing})")
-        self._accepted, self._options = accepted, options
-        self.body = self._layer(norm, per_image=True)
-        self.fpn = self._layer(head_norm, per_image=True)
-        self.roi = self._layer(head_norm, per_image=False)
+        for option in sorted(set(options) - set(head_options)):  # an option the heads set themselves reaches the body only
+            readers = {name: mabn.option_meaning(name, option) for name in in_use if option in accepted[name]}
+            if len(set(readers.values())) > 1:
+                meanings = "; ".join(f"to {name!r} {meaning}" for name, meaning in readers.items())
+                raise ValueError(f"norm_options {option!r} means different things to the norms in use ({meanings}): "
+                                 "keep it for the body norm and give the heads their own value in head_norm_options")
+        if head_options:
+            if head_norm == NO_NORM:
+                raise ValueError(f"head_norm_options {sorted(head_options)} given, but the heads have no norm")
+            refused = sorted(set(head_options) - accepted[head_norm])
+            if refused:
+                raise ValueError(f"head_norm_options {refused} are not accepted by the head norm {head_norm!r}, which "
+                                 f"accepts {sorted(accepted[head_norm])}")
+        self.body = self._layer(norm, options, accepted, per_image=True)
+        self.fpn = self._layer(head_norm, {**options, **head_options}, accepted, per_image=True)
+        self.roi = self._layer(head_norm, {**options, **head_options}, accepted, per_image=False)
 
-    def _layer(self, name: str, per_image: bool) -> Optional[Callable[[int], nn.Module]]:
+    @staticmethod
+    def _layer(name: str, options: dict, accepted: dict, per_image: bool) -> Optional[Callable[[int], nn.Module]]:
         if name == NO_NORM:
             return None
         options = {
             key: value
-            for key, value in self._options.items()
-            if key in self._accepted[name] and (per_image or key not in IMAGE_BATCH_OPTIONS)
+            for key, value in options.items()
+            if key in accepted[name] and (per_image or key not in IMAGE_BATCH_OPTIONS)
         }
         return functools.partial(mabn.build_norm, name, **options)

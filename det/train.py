@@ -185,7 +185,7 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
     try:
         return build_mask_rcnn(
             num_classes, m.NORM, dict(m.NORM_OPTIONS), m.CENTERED_CONVS, m.HEAD_NORM, m.MIN_SIZE, m.MAX_SIZE,
-            m.TRAINABLE_BACKBONE_LAYERS,
+            m.TRAINABLE_BACKBONE_LAYERS, dict(m.HEAD_NORM_OPTIONS),
             rpn_pre_nms_top_n_train=rpn.PRE_NMS_TOP_N_TRAIN, rpn_pre_nms_top_n_test=rpn.PRE_NMS_TOP_N_TEST,
             rpn_post_nms_top_n_train=rpn.POST_NMS_TOP_N_TRAIN, rpn_post_nms_top_n_test=rpn.POST_NMS_TOP_N_TEST,
             rpn_nms_thresh=rpn.NMS_THRESH, rpn_fg_iou_thresh=rpn.FG_IOU_THRESH, rpn_bg_iou_thresh=rpn.BG_IOU_THRESH,
@@ -196,7 +196,8 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
             box_detections_per_img=roi.DETECTIONS_PER_IMG,
         )
     except ValueError as e:  # an unknown norm option, a channel count GN cannot split, ...
-        raise ConfigError(f"MODEL.NORM {m.NORM!r} / MODEL.HEAD_NORM / MODEL.NORM_OPTIONS {dict(m.NORM_OPTIONS)}: {e}") from None
+        raise ConfigError(f"MODEL.NORM {m.NORM!r} / MODEL.HEAD_NORM / MODEL.NORM_OPTIONS {dict(m.NORM_OPTIONS)} / "
+                          f"MODEL.HEAD_NORM_OPTIONS {dict(m.HEAD_NORM_OPTIONS)}: {e}") from None
 
 
 def load_backbone(model: nn.Module, path: str, log: RunLogger) -> None:

@@ -213,6 +213,24 @@ def test_norm_options_reach_the_norms_that_accept_them():
     with pytest.raises(ValueError, match="builds \\['box_head'\\] itself"):
         tiny_model("bn", box_head=nn.Identity())
 
+def test_an_option_two_norms_read_differently_is_refused_and_the_heads_take_their_own():
+    """momentum is MABN's EMA keep-rate (0.98) but BRN's update rate (0.01): one value must not reach both."""
+    with pytest.raises(ValueError, match=r"norm_options 'momentum' means different things to the norms in use "
+                                         r"\(to 'mabn' the keep-rate .*; to 'brn' the update rate .*head_norm_options"):
+        tiny_model("mabn", head_norm="brn", norm_options={"momentum": 0.98})
+    model = tiny_model("mabn", head_norm="brn", norm_options={"momentum": 0.98, "buffer_size": 4},
+                       head_norm_options={"momentum": 0.05, "norm_batch_size": 1})
+    body_norm, fpn_norm, box_norm = model.backbone.body.layer1[0].bn1, model.backbone.fpn.layer_blocks[0][1], model.roi_heads.box_head[0][1]
+    assert (body_norm.momentum, body_norm.buffer_size, body_norm.norm_batch_size) == (0.98, 4, None)
+    assert (fpn_norm.momentum, fpn_norm.norm_batch_size) == (0.05, 1) and (box_norm.momentum, box_norm.norm_batch_size) == (0.05, None)
+    same = tiny_model("mabn", norm_options={"buffer_size": 4}, head_norm_options={"buffer_size": 8})  # the head norm is the body's
+    assert same.backbone.body.bn1.buffer_size == 4 and same.roi_heads.mask_head[0][1].buffer_size == 8
+    with pytest.raises(ValueError, match=r"head_norm_options \['buffer_size'\] are not accepted by the head norm 'brn'"):
+        tiny_model("mabn", head_norm="brn", head_norm_options={"buffer_size": 4})
+    with pytest.raises(ValueError, match="head_norm_options \\['eps'\\] given, but the heads have no norm"):
+        tiny_model("bn", head_norm="none", head_norm_options={"eps": 1e-3})
+
+
 
 # ------------------------------------------------------------------------------------ backbone weights
 def randomized_statistics(state):
