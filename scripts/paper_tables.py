@@ -23,7 +23,7 @@ TABLES_FILE = os.path.join(CONFIGS_DIR, "paper_tables.yaml")
 
 
 class PaperTablesError(ValueError):
-    pass
+    """configs/paper_tables.yaml is inconsistent, or a table or row asked for is not in it."""
 
 
 def config_name(config: str) -> str:
@@ -44,10 +44,10 @@ def _check_row(table_name: str, table: dict, index: int, row: dict, norms: dict)
     for norm in row.get("norms", [row["norm"]] if "norm" in row else []):
         if norm not in norms:
             raise PaperTablesError(f"{where}: norm {norm!r} is not one of {sorted(norms)}")
-    if "metrics" in table and row["paper"] is not None and len(row["paper"]) != len(table["metrics"]):
+    if "metrics" in table and row.get("paper") is not None and len(row["paper"]) != len(table["metrics"]):
         raise PaperTablesError(f"{where}: {len(row['paper'])} paper figures for the {len(table['metrics'])} metrics {table['metrics']}")
-    if "switches" in table and set(row["switches"]) != set(table["switches"]):
-        raise PaperTablesError(f"{where}: switches {sorted(row['switches'])}, not the table's {sorted(table['switches'])}")
+    if "switches" in table and set(row.get("switches", {})) != set(table["switches"]):
+        raise PaperTablesError(f"{where}: switches {sorted(row.get('switches', {}))}, not the table's {sorted(table['switches'])}")
 
 
 def _take_paper_figures(where: str, row: dict, by_config: dict) -> None:
