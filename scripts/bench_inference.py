@@ -23,9 +23,13 @@ import torch
 import torchvision
 
 import mabn
-from bench_devices import add_device_options, selected_devices, write_report  # sibling script
+import paper_tables  # sibling scripts
+from bench_devices import add_device_options, selected_devices, write_report
 
-PAPER_IMAGES_PER_S = {"BN (folded)": 237.88, "MABN (folded)": 237.88, "LN": 125.44, "IN": 105.60, "GN": 99.37}
+# The norm of each timed model, to put beside it the paper's images/s at batch 1 (configs/paper_tables.yaml).
+MODEL_NORMS = {"BN (folded)": "bn", "MABN (folded)": "mabn", "LN": "ln", "IN": "in", "GN": "gn"}
+_PAPER_BY_NORM = {norm: row["paper"] for row in paper_tables.rows("inference_speed") for norm in row["norms"]}
+PAPER_IMAGES_PER_S = {model: _PAPER_BY_NORM[norm] for model, norm in MODEL_NORMS.items()}
 
 
 CONTROL = "BN copy (control)"

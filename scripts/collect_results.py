@@ -5,7 +5,8 @@
 
 Reads ``metrics.json`` of each run directory (``<root>/<config name>``, the layout that
 ``scripts/reproduce_imagenet.sh`` / ``reproduce_coco.sh`` create). Runs that are missing or still going
-are marked as such. ``--plot`` draws top-1 error against the normalization batch b, like the paper's figure.
+are marked as such. The rows and the paper's figures are those of configs/paper_tables.yaml. ``--plot``
+draws top-1 error against the normalization batch b, like the paper's figure.
 """
 from __future__ import annotations
 
@@ -14,31 +15,12 @@ import json
 import os
 import sys
 
-from figures import pyplot, save_figure  # sibling script
+import paper_tables  # sibling scripts
+from figures import pyplot, save_figure
 
-# shared/spec/PAPER_RESULTS.md; values read off the paper's plot are marked approximate there.
-PAPER_IMAGENET = {
-    "bn": {32: 23.41, 16: 24.3, 8: 25.4, 4: 27.9, 2: 35.22},
-    "brn": {32: 23.6, 16: 24.4, 8: 25.3, 4: 26.9, 2: 30.29},
-    "mabn": {32: 23.5, 16: 23.7, 8: 23.6, 4: 23.7, 2: 23.67, 1: 23.7},
-}
-APPROXIMATE = {("bn", 16), ("bn", 8), ("bn", 4), ("brn", 32), ("brn", 16), ("brn", 8), ("brn", 4),
-               ("mabn", 32), ("mabn", 16), ("mabn", 8), ("mabn", 4), ("mabn", 1)}
-B_VALUES = (32, 16, 8, 4, 2, 1)
-NORM_NAMES = {"bn": "BN", "brn": "BRN", "mabn": "MABN"}
-COCO_METRICS = (("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"))
-COCO_HEADERS = ("APb", "APb50", "APb75", "APm", "APm50", "APm75")
-PAPER_COCO = {
-    "scratch_bn_2": ("2x from scratch", "BN", "2", (32.38, 50.44, 35.47, 29.07, 47.68, 30.75)),
-    "scratch_brn_2": ("2x from scratch", "BRN", "2", (34.07, 52.66, 37.12, 30.98, 50.03, 32.93)),
-    "scratch_syncbn_2x8": ("2x from scratch", "SyncBN", "2x8", (36.80, 56.06, 40.23, 33.10, 53.15, 35.24)),
-    "scratch_mabn_2": ("2x from scratch", "MABN", "2", (36.50, 55.79, 40.17, 32.69, 52.78, 34.71)),
-    "finetune_syncbn_2x8": ("2x fine-tune", "SyncBN", "2x8", (38.25, 57.81, 42.01, 34.22, 54.97, 36.34)),
-    "finetune_mabn_2": ("2x fine-tune", "MABN", "2", (38.42, 58.19, 41.99, 34.12, 55.10, 36.12)),
-    "scratch_gn": ("2x from scratch", "GN", "2", None),
-}
-ABLATION_SWITCHES = (("fwdsma", "fwdbatch", "forward SMA"), ("bwdsma", "bwdbatch", "backward SMA"),
-                     ("reduced", "full", "reduced statistics + centered convs"), ("renorm", "norenorm", "renormalization"))
+# Where each column of the COCO table stands in a run's metrics.json.
+COCO_METRICS = {"APb": ("bbox", "AP"), "APb50": ("bbox", "AP50"), "APb75": ("bbox", "AP75"),
+                "APm": ("segm", "AP"), "APm50": ("segm", "AP50"), "APm75": ("segm", "AP75")}
 
 
 def read_run(directory: str) -> dict:
@@ -67,47 +49,78 @@ def _cell(run: dict, value, paper=None, approximate=False) -> str:
     return text
 
 
-def imagenet_tables(root: str) -> tuple[str, dict]:
+def _paper_cell(run: dict, value, row: dict) -> str:
+    return _cell(run, value, row["paper"], row["approximate"])
+
+
+def _batch_norms() -> list[str]:
+    """The norms of the ImageNet table by normalization batch, in its order."""
+    return list(dict.fromkeys(row["norm"] for row in paper_tables.rows("imagenet_batch")))
+
+
+def _batch_table(root: str) -> tuple[list[str], dict]:
+    rows = {(row["norm"], row["b"]): row for row in paper_tables.rows("imagenet_batch")}
+    b_values = sorted({b for _, b in rows}, reverse=True)
     lines = ["## ImageNet, ResNet-50: top-1 error (%), measured vs paper (difference)", "",
-             "| Norm | " + " | ".join(f"b = {b}" for b in B_VALUES) + " |", "|---" * (len(B_VALUES) + 1) + "|"]
+             "| Norm | " + " | ".join(f"b = {b}" for b in b_values) + " |", "|---" * (len(b_values) + 1) + "|"]
     measured: dict = {}
-    for norm in ("bn", "brn", "mabn"):
+    for norm in _batch_norms():
         cells = []
-        for b in B_VALUES:
-            paper = PAPER_IMAGENET[norm].get(b)
-            if paper is None:
+        for b in b_values:
+            row = rows.get((norm, b))
+            if row is None:  # a b the paper does not run this norm at
                 cells.append("-")
                 continue
-            run = read_run(os.path.join(root, f"{norm}_b{b}"))
+            run = read_run(os.path.join(root, row["name"]))
             value = run.get("top1_err")
             if value is not None:
                 measured.setdefault(norm, {})[b] = value
-            cells.append(_cell(run, value, paper, (norm, b) in APPROXIMATE))
-        lines.append(f"| {NORM_NAMES[norm]} | " + " | ".join(cells) + " |")
-    lines += ["", "## ImageNet, batch-independent baselines: top-1 error (%)", "", "| Norm | top-1 error | top-5 error |", "|---|---|---|"]
-    for norm in ("gn", "ln", "in"):
-        run = read_run(os.path.join(root, norm))
-        lines.append(f"| {norm.upper()} | {_cell(run, run.get('top1_err'))} | {_cell(run, run.get('top5_err'))} |")
-    lines += ["", "## ImageNet ablation of MABN at b = 2: top-1 error (%)", "",
-              "| " + " | ".join(label for _, _, label in ABLATION_SWITCHES) + " | top-1 error |", "|---" * (len(ABLATION_SWITCHES) + 1) + "|"]
-    for bits in range(2 ** len(ABLATION_SWITCHES) - 1, -1, -1):
-        on = [(bits >> (len(ABLATION_SWITCHES) - 1 - i)) & 1 for i in range(len(ABLATION_SWITCHES))]
-        name = "_".join(yes if flag else no for flag, (yes, no, _) in zip(on, ABLATION_SWITCHES))
-        run = read_run(os.path.join(root, "ablation", name))
-        lines.append("| " + " | ".join("yes" if flag else "no" for flag in on) + f" | {_cell(run, run.get('top1_err'))} |")
-    return "\n".join(lines), measured
+            cells.append(_paper_cell(run, value, row))
+        lines.append(f"| {paper_tables.norm_label(norm)} | " + " | ".join(cells) + " |")
+    return lines, measured
+
+
+def _baselines_table(root: str) -> list[str]:
+    lines = ["## ImageNet, batch-independent baselines: top-1 error (%)", "", "| Norm | top-1 error | top-5 error |", "|---|---|---|"]
+    for row in paper_tables.rows("imagenet_baselines"):
+        run = read_run(os.path.join(root, row["name"]))
+        lines.append(f"| {paper_tables.norm_label(row['norm'])} | {_paper_cell(run, run.get('top1_err'), row)} | {_cell(run, run.get('top5_err'))} |")
+    return lines
+
+
+def _ablation_table(root: str) -> list[str]:
+    table = paper_tables.table("imagenet_ablation")
+    switches = table["switches"]
+    lines = ["## ImageNet ablation of MABN at b = 2: top-1 error (%)", "",
+             "| " + " | ".join(switches.values()) + " | top-1 error |", "|---" * (len(switches) + 1) + "|"]
+    for row in table["rows"]:
+        run = read_run(os.path.join(root, row["name"]))
+        on = ["yes" if row["switches"][switch] else "no" for switch in switches]
+        lines.append("| " + " | ".join(on) + f" | {_paper_cell(run, run.get('top1_err'), row)} |")
+    return lines
+
+
+def imagenet_tables(root: str) -> tuple[str, dict]:
+    """The three ImageNet tables as Markdown, and the measured top-1 errors ``{norm: {b: error}}``."""
+    batch, measured = _batch_table(root)
+    return "\n".join(batch + [""] + _baselines_table(root) + [""] + _ablation_table(root)), measured
+
+
+def _coco_metric(run: dict, column: str):
+    iou, key = COCO_METRICS[column]
+    return run.get(iou, {}).get(key) if isinstance(run.get(iou), dict) else None
 
 
 def coco_table(root: str) -> str:
+    table = paper_tables.table("coco")
+    columns = table["metrics"]
     lines = ["## COCO, Mask R-CNN R50-FPN, 2x (minival): measured vs paper (difference)", "",
-             "| Strategy | Norm | Batch | " + " | ".join(COCO_HEADERS) + " |", "|---" * (len(COCO_HEADERS) + 3) + "|"]
-    for name, (strategy, norm, batch, paper) in PAPER_COCO.items():
-        run = read_run(os.path.join(root, name))
-        cells = []
-        for i, (iou, key) in enumerate(COCO_METRICS):
-            value = run.get(iou, {}).get(key) if isinstance(run.get(iou), dict) else None
-            cells.append(_cell(run, value, None if paper is None else paper[i]))
-        lines.append(f"| {strategy} | {norm} | {batch} | " + " | ".join(cells) + " |")
+             "| Strategy | Norm | Batch | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+    for row in table["rows"]:
+        run = read_run(os.path.join(root, row["name"]))
+        paper = row["paper"] or [None] * len(columns)
+        cells = [_cell(run, _coco_metric(run, column), figure) for column, figure in zip(columns, paper)]
+        lines.append(f"| {table['strategies'][row['strategy']]} | {paper_tables.norm_label(row['norm'])} | {row['batch']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -115,14 +128,14 @@ def plot_error_vs_b(measured: dict, paper: dict, out: str, ylabel: str = "top-1 
     """Error against the normalization batch b per norm: measured (solid) beside the paper's (dashed)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, norm in enumerate(("bn", "brn", "mabn")):
-        color = f"C{i}"
+    for i, norm in enumerate(_batch_norms()):
+        color, label = f"C{i}", paper_tables.norm_label(norm)
         if measured.get(norm):
             bs = sorted(measured[norm], reverse=True)
-            ax.plot([str(b) for b in bs], [measured[norm][b] for b in bs], "o-", color=color, label=f"{NORM_NAMES[norm]} (measured)")
+            ax.plot([str(b) for b in bs], [measured[norm][b] for b in bs], "o-", color=color, label=f"{label} (measured)")
         if paper.get(norm):
             bs = sorted(paper[norm], reverse=True)
-            ax.plot([str(b) for b in bs], [paper[norm][b] for b in bs], "s--", color=color, alpha=0.5, label=f"{NORM_NAMES[norm]} (paper, ImageNet)")
+            ax.plot([str(b) for b in bs], [paper[norm][b] for b in bs], "s--", color=color, alpha=0.5, label=f"{label} (paper, ImageNet)")
     ax.set_xlabel("normalization batch b")
     ax.set_ylabel(ylabel)
     if title:
@@ -142,7 +155,8 @@ def main(argv=None) -> int:
         text, measured = imagenet_tables(args.imagenet)
         print(text + "\n")
         if args.plot:
-            print(f"wrote {plot_error_vs_b(measured, PAPER_IMAGENET, args.plot)}\n")
+            paper = paper_tables.paper_by_norm_and_b(paper_tables.rows("imagenet_batch"))
+            print(f"wrote {plot_error_vs_b(measured, paper, args.plot)}\n")
     if args.only != "imagenet":
         print(coco_table(args.coco))
     return 0

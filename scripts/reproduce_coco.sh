@@ -32,8 +32,8 @@ for f in train2017 val2017 annotations/instances_train2017.json annotations/inst
   [ -e "$data/$f" ] || { echo "$data/$f not found: --data must be a COCO 2017 root" >&2; exit 2; }
 done
 
-scratch=(scratch_bn_2 scratch_brn_2 scratch_syncbn_2x8 scratch_mabn_2 scratch_gn)
-finetune=(finetune_syncbn_2x8 finetune_mabn_2)
+scratch=($(table_configs coco strategy=scratch))
+finetune=($(table_configs coco strategy=finetune))
 case "$table" in
   scratch) configs=("${scratch[@]}") ;;
   finetune) configs=("${finetune[@]}") ;;
@@ -43,12 +43,13 @@ esac
 [ "$gpus" = 8 ] || echo "note: the paper trains on 8 GPUs x 2 images; with $gpus GPUs the total batch (and, by linear scaling, the lr) changes" >&2
 
 for name in "${configs[@]}"; do
-  extra=()
-  finished "$out/$name" || case "$name" in  # a finished run needs no backbone
-    finetune_mabn_2)
+  extra=() backbone=""
+  finished "$out/$name" || backbone=$(table_field coco "$name" backbone)  # a finished run needs no backbone
+  case "$backbone" in  # the option that supplies the row's ImageNet backbone
+    --imagenet-mabn)
       [ -f "$mabn_r50" ] || { echo "$name needs the ImageNet MABN ResNet-50 (--imagenet-mabn; scripts/reproduce_imagenet.sh --table batch trains it): $mabn_r50 not found" >&2; exit 2; }
       extra=(MODEL.BACKBONE_WEIGHTS "$mabn_r50") ;;
-    finetune_syncbn_2x8)
+    --torchvision-r50)
       [ -n "$tv_r50" ] && [ -f "$tv_r50" ] || { echo "$name needs torchvision ResNet-50 weights: --torchvision-r50 /path/to/resnet50.pth" >&2; exit 2; }
       extra=(MODEL.BACKBONE_WEIGHTS "$tv_r50") ;;
   esac

@@ -25,18 +25,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]  # sibling scripts, and the checkout's cls/ (the trainers are not installed)
 
-from collect_results import plot_error_vs_b  # noqa: E402  (sibling script)
+import paper_tables  # noqa: E402  (sibling scripts)
+from collect_results import plot_error_vs_b  # noqa: E402
 from plot_batch_stats import plot as plot_batch_statistics  # noqa: E402
 
-# (norm, b, config) in the order of the table.
-ROWS = [("bn", 32, "bn_b32"), ("bn", 2, "bn_b2"), ("brn", 2, "brn_b2"), ("mabn", 2, "mabn_b2"),
-        ("bn", 1, "bn_b1"), ("brn", 1, "brn_b1"), ("mabn", 1, "mabn_b1")]
+# The table's rows (configs/paper_tables.yaml), each beside the ImageNet row it stands in for.
+TABLE = paper_tables.rows("fashion_mnist")
+# (norm, b, config file under configs/) in the order of the table.
+ROWS = [(row["norm"], row["b"], row["config"]) for row in TABLE]
 PRESETS = {"full": {"steps": 900, "seeds": 2}, "quick": {"steps": 150, "seeds": 1}}
-# ImageNet top-1 error of ResNet-50 in the paper (shared/spec/PAPER_RESULTS.md); "~" read off its figure.
-PAPER = {("bn", 32): "23.41", ("bn", 2): "35.22", ("brn", 2): "30.29", ("mabn", 2): "23.67", ("mabn", 1): "~23.7",
-         ("bn", 1): "-", ("brn", 1): "-"}
-NAMES = {"bn": "BN", "brn": "BRN", "mabn": "MABN"}
+# The paper's ImageNet top-1 error of ResNet-50 for each row's pattern; "~" read off its figure.
+PAPER = {(row["norm"], row["b"]): "-" if row["paper"] is None else f"{'~' if row['approximate'] else ''}{row['paper']:g}"
+         for row in TABLE}
 STATS_RUNS = ("bn_b32", "bn_b2")  # seed 0 of these records the batch statistics of layer1.0.bn1
+
+
+def run_name(config: str) -> str:
+    """``cls/fashion_mnist/bn_b32.yaml`` -> ``bn_b32``: the row's directory under --out."""
+    return os.path.splitext(os.path.basename(config))[0]
 
 
 def run_one(config: str, seed: int, steps: int, directory: str, workers: int) -> dict:
@@ -50,14 +56,15 @@ def run_one(config: str, seed: int, steps: int, directory: str, workers: int) ->
             raise SystemExit(f"{directory} holds a run of {metrics.get('total_steps')} steps, not {steps}: choose another --out")
         if metrics.get("finished"):
             return metrics
-    args = ["--config", os.path.join(ROOT, "configs", "cls", "fashion_mnist", f"{config}.yaml"),
+    name = run_name(config)
+    args = ["--config", os.path.join(paper_tables.CONFIGS_DIR, config),
             "SEED", str(seed), "SOLVER.MAX_STEPS", str(steps), "OUTPUT_DIR", directory, "DATA.WORKERS", str(workers),
             "LOG.PERIOD", "100"]
-    if config in STATS_RUNS and seed == 0:
+    if name in STATS_RUNS and seed == 0:
         args += ["STATS.RECORD", "True", "STATS.LAYERS", "[layer1.0.bn1]"]
     code = train(args)
     if code != 0:
-        raise SystemExit(f"{config} (seed {seed}) failed with exit code {code}; see {directory}/log.txt")
+        raise SystemExit(f"{name} (seed {seed}) failed with exit code {code}; see {directory}/log.txt")
     with open(metrics_path) as f:
         return json.load(f)
 
@@ -77,7 +84,7 @@ def summarize(results: dict, steps: int) -> tuple[str, dict]:
         spread = statistics.stdev(errors) if len(errors) > 1 else float("nan")
         means.setdefault(norm, {})[b] = mean
         spread_text = f" ± {spread:.2f}" if len(errors) > 1 else ""
-        lines.append(f"| {NAMES[norm]} | {b} | {mean:.2f}{spread_text} | {len(errors)} | {mean - bn32:+.2f} | {PAPER[(norm, b)]} |")
+        lines.append(f"| {paper_tables.norm_label(norm)} | {b} | {mean:.2f}{spread_text} | {len(errors)} | {mean - bn32:+.2f} | {PAPER[(norm, b)]} |")
     return "\n".join(lines), means
 
 
@@ -99,8 +106,8 @@ def main(argv=None) -> int:
     for i, (norm, b, config) in enumerate(ROWS):
         for seed in range(seeds):
             done = i * seeds + seed
-            print(f"\n[{done + 1}/{total}] {config} seed {seed} ({steps} steps; {time.time() - started:.0f}s elapsed)", file=sys.stderr, flush=True)
-            metrics = run_one(config, seed, steps, os.path.join(out, config, f"seed{seed}"), args.workers)
+            print(f"\n[{done + 1}/{total}] {run_name(config)} seed {seed} ({steps} steps; {time.time() - started:.0f}s elapsed)", file=sys.stderr, flush=True)
+            metrics = run_one(config, seed, steps, os.path.join(out, run_name(config), f"seed{seed}"), args.workers)
             results.setdefault((norm, b), []).append(metrics["top1_err"])
 
     table, means = summarize(results, steps)
@@ -111,8 +118,7 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"steps": steps, "seeds": seeds, "minutes": elapsed / 60,
                    "test_error": {f"{norm}_b{b}": results[(norm, b)] for norm, b, _ in ROWS}}, f, indent=2)
-    paper = {"bn": {32: 23.41, 2: 35.22}, "brn": {2: 30.29}, "mabn": {2: 23.67, 1: 23.7}}
-    figure = plot_error_vs_b(means, paper, os.path.join(out, "error_vs_b.png"), "test error (%)",
+    figure = plot_error_vs_b(means, paper_tables.paper_by_norm_and_b(TABLE), os.path.join(out, "error_vs_b.png"), "test error (%)",
                              "Fashion-MNIST (measured) and ImageNet (paper)")
     stats = plot_batch_statistics([os.path.join(out, r, "seed0") for r in STATS_RUNS], ["BN, b = 32", "BN, b = 2"],
                                   "layer1.0.bn1", os.path.join(out, "batch_statistics_bn32_vs_bn2.png"))

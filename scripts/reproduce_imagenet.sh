@@ -28,9 +28,9 @@ done
 [ -n "$data" ] || { echo "--data /path/to/imagenet (with train/ and val/) is required" >&2; exit 2; }
 [ -d "$data/train" ] && [ -d "$data/val" ] || { echo "$data must hold train/ and val/ ImageFolders" >&2; exit 2; }
 
-batch=(bn_b32 bn_b16 bn_b8 bn_b4 bn_b2 brn_b32 brn_b16 brn_b8 brn_b4 brn_b2 mabn_b32 mabn_b16 mabn_b8 mabn_b4 mabn_b2 mabn_b1)
-baselines=(gn ln in)
-ablation=($(cd configs/cls && ls ablation/*.yaml | sed 's/\.yaml$//'))
+batch=($(table_configs imagenet_batch))
+baselines=($(table_configs imagenet_baselines))
+ablation=($(table_configs imagenet_ablation | sort))  # in name order, every switch off first, as they always ran
 case "$table" in
   batch) configs=("${batch[@]}") ;;
   baselines) configs=("${baselines[@]}") ;;

@@ -3,6 +3,12 @@
 
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 
+# table_configs TABLE [FIELD=VALUE ...]: the config names of a table of configs/paper_tables.yaml, one a line
+table_configs() { "$PY" scripts/paper_tables.py configs "$@"; }
+
+# table_field TABLE NAME FIELD: one field of one row of configs/paper_tables.yaml (empty when the row has none)
+table_field() { "$PY" scripts/paper_tables.py field "$@"; }
+
 # finished RUN_DIR: whether the run wrote metrics.json with "finished": true
 finished() { [ -f "$1/metrics.json" ] && "$PY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("finished") else 1)' "$1/metrics.json"; }
 

@@ -1,6 +1,7 @@
 """Every config of configs/ loads, states the published recipe, builds its model and trains one step."""
 import glob
 import os
+import sys
 
 import pytest
 import torch
@@ -16,14 +17,15 @@ from mabn.engine.config import load_config
 from mabn.engine.solver import build_sgd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import paper_tables  # noqa: E402  (the paper's rows: configs/paper_tables.yaml)
+
 CLS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "cls", "**", "*.yaml"), recursive=True))
 DET_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "det", "**", "*.yaml"), recursive=True))
-DET_ROWS = {  # the paper's COCO table (+ GN): norm, normalization batch per GPU
-    "scratch_bn_2": "bn", "scratch_brn_2": "brn", "scratch_syncbn_2x8": "syncbn", "scratch_mabn_2": "mabn",
-    "finetune_syncbn_2x8": "syncbn", "finetune_mabn_2": "mabn", "scratch_gn": "gn",
-}
-IMAGENET_ROWS = [f"{n}_b{b}" for n in ("bn", "brn") for b in (32, 16, 8, 4, 2)] + [f"mabn_b{b}" for b in (32, 16, 8, 4, 2, 1)] + ["gn", "ln", "in"]
-FASHION_ROWS = ["bn_b32", "bn_b2", "brn_b2", "mabn_b2", "bn_b1", "brn_b1", "mabn_b1"]
+DET_ROWS = {row["name"]: row["norm"] for row in paper_tables.rows("coco")}  # the paper's COCO table (+ GN): norm
+IMAGENET_ROWS = [row["name"] for row in paper_tables.rows("imagenet_batch") + paper_tables.rows("imagenet_baselines")]
+FASHION_ROWS = [os.path.basename(row["name"]) for row in paper_tables.rows("fashion_mnist")]
+TABLE_ROWS = [row for table in paper_tables.load()["tables"].values() for row in table["rows"] if "config" in row]
 
 
 def _rel(path):
@@ -56,6 +58,37 @@ def test_every_row_of_the_paper_has_a_config():
     assert len([n for n in names if n.startswith("cls/ablation/")]) == 16  # 2^4 switch combinations
     for row in FASHION_ROWS:
         assert f"cls/fashion_mnist/{row}.yaml" in names
+
+
+def _is_row_config(path):
+    """Whether a config is a row of a table: not a base that rows share, nor the CPU demo on generated
+    shapes (configs/det/shapes/), which stands in for no row of the paper."""
+    return not os.path.basename(path).endswith("base.yaml") and not _rel(path).startswith("det/shapes/")
+
+
+def test_the_tables_file_and_the_row_configs_match():
+    listed = {row["config"] for row in TABLE_ROWS}
+    missing = sorted(c for c in listed if not os.path.isfile(os.path.join(ROOT, "configs", c)))
+    assert not missing, f"configs/paper_tables.yaml names configs that do not exist: {missing}"
+    unlisted = sorted(_rel(p) for p in CLS_CONFIGS + DET_CONFIGS if _is_row_config(p) and _rel(p) not in listed)
+    assert not unlisted, f"configs that are no row of configs/paper_tables.yaml: {unlisted}"
+
+
+@pytest.mark.parametrize("row", [r for r in TABLE_ROWS if r["config"].startswith("cls/") and "switches" not in r], ids=lambda r: r["name"])
+def test_classification_rows_normalize_as_the_tables_file_says(row):
+    cfg = load_config(cls_defaults(), os.path.join(ROOT, "configs", row["config"]))
+    assert cfg.MODEL.NORM == row["norm"]
+    b = row.get("b")
+    full_batch = b is None or b == cfg.DATA.BATCH_SIZE  # the default: normalize over the whole batch
+    assert cfg.MODEL.NORM_BATCH_SIZE in ((None, b) if full_batch else (b,))
+
+
+@pytest.mark.parametrize("row", paper_tables.rows("imagenet_ablation"), ids=lambda r: r["name"])
+def test_ablation_configs_set_the_switches_of_their_row(row):
+    table = paper_tables.table("imagenet_ablation")
+    cfg = load_config(cls_defaults(), os.path.join(ROOT, "configs", row["config"]))
+    assert (cfg.MODEL.NORM, cfg.MODEL.NORM_BATCH_SIZE) == (table["norm"], table["b"])
+    assert {switch: cfg.MODEL.NORM_OPTIONS.get(switch, True) for switch in table["switches"]} == row["switches"]
 
 
 @pytest.mark.parametrize("path", CLS_CONFIGS + DET_CONFIGS, ids=_rel)
