@@ -8,50 +8,13 @@ This package is the layer library and needs torch and torchvision only. The trai
 checkpoints, distributed runs, logging) is the separate subpackage :mod:`mabn.engine`, which
 ``import mabn`` does not load; ``pip install '.[train]'`` installs what it needs.
 """
+from . import layers
 from .authors_checkpoint import load_authors_state_dict
 from .batch_statistics import BatchStatisticsRecorder
 from .convert import convert_model
 from .fold import fold_model
-from .layers import (
-    NORMS,
-    BatchNorm2d,
-    BatchRenorm2d,
-    CenConv2d,
-    MABN1d,
-    MABN2d,
-    MABN3d,
-    MovingAverageBatchNorm,
-    NormType,
-    SyncBatchNorm,
-    build_norm,
-    norm_options,
-    norm_type,
-    option_meaning,
-    register_norm,
-    register_norm_type,
-)
+from .layers import *  # noqa: F401,F403  (the layers and the norm registry, as listed in mabn.layers.__all__)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "NORMS",
-    "BatchNorm2d",
-    "BatchRenorm2d",
-    "BatchStatisticsRecorder",
-    "CenConv2d",
-    "MABN1d",
-    "MABN2d",
-    "MABN3d",
-    "MovingAverageBatchNorm",
-    "NormType",
-    "SyncBatchNorm",
-    "build_norm",
-    "convert_model",
-    "fold_model",
-    "load_authors_state_dict",
-    "norm_options",
-    "norm_type",
-    "option_meaning",
-    "register_norm",
-    "register_norm_type",
-]
+__all__ = [*layers.__all__, "BatchStatisticsRecorder", "convert_model", "fold_model", "load_authors_state_dict"]
