@@ -3,7 +3,9 @@
     weights = torchvision.models.resnet50().state_dict()             # BN, 1000 classes
     model = mabn.convert_model(torchvision.models.resnet50(num_classes=10), norm="mabn", conv="cen")
     report = mabn.transfer_state_dict(model, weights)
-    print(report.summary())   # 318 tensors loaded, 53 norm statistics translated, ...; new (initialized here): fc.* (2 keys)
+    print(report.summary())
+    # 159 tensors loaded, 53 norm statistics translated to the model's norms, 212 norm progress buffers restarted, ...;
+    # new (initialized here): fc.* (2 keys); not loaded: fc.weight (checkpoint shape (1000, 2048), model (10, 2048)), ...
 
 Tensors are matched by name and shape, as ``load_state_dict`` matches them. Each norm layer of the model
 takes from the checkpoint's layer of the same name what its own type can use:
@@ -93,7 +95,7 @@ class TransferReport:
         if self.reset:
             counts.append(f"{len(self.reset)} norm progress buffers restarted")
         if self.dropped:
-            counts.append(f"{len(self.dropped)} checkpoint tensors that the model's norms do not keep")
+            counts.append(f"{len(self.dropped)} checkpoint tensors left unused by the model's norms")
         text = ", ".join(counts)
         if self.new:
             text += "; new (initialized here): " + ", ".join(self.new_lines())
