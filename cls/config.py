@@ -22,7 +22,8 @@ _C = CfgNode(
             "NORM_OPTIONS": CfgNode({}, new_allowed=True),
             "CENTERED_CONVS": False,
             "ZERO_INIT_RESIDUAL": False,
-            # weights to start from: a checkpoint of this trainer or a torchvision state_dict
+            # weights to start from, a checkpoint of this trainer or a torchvision state_dict: any norm (BN statistics are
+            # translated to MABN's) and any number of classes (the classifier then stays new); --test-only evaluates it
             "WEIGHTS": "",
         },
         "DATA": {
@@ -62,6 +63,7 @@ _C = CfgNode(
         "TEST": {
             "BATCH_SIZE": 50,
             "EVAL_PERIOD": 1,  # epochs
+            "MAX_IMAGES": 0,  # evaluate this many validation images, spread evenly over the set (0: all)
         },
         "CHECKPOINT": {
             "PERIOD_STEPS": 0,  # also save every this many steps inside an epoch (0: at epoch ends only)

@@ -31,12 +31,12 @@ from cls.config import get_default_config
 from cls.datasets import build_dataset
 from cls.models import build_classifier
 from mabn.batch_statistics import BatchStatisticsRecorder
-from mabn.engine.checkpoint import Checkpointer, load_weights, resume_path
+from mabn.engine.checkpoint import Checkpointer, load_pretrained, load_weights, resume_path
 from mabn.engine.config import CfgNode, ConfigError
 from mabn.engine.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, wrap_ddp
 from mabn.engine.launch import NonFiniteLossError, autocast, run
 from mabn.engine.logger import RunLogger, progress_bar
-from mabn.engine.sampling import ResumableDistributedSampler, SeededDataset, shard_indices
+from mabn.engine.sampling import ResumableDistributedSampler, SeededDataset, evaluation_subset, shard_indices
 from mabn.engine.solver import LRSchedule, build_scheduler, build_sgd, linear_scaled_lr
 from mabn.layers.registry import groupable_norms
 
@@ -58,6 +58,8 @@ def check_config(cfg: CfgNode, test_only: bool = False) -> None:
     for key in ("BATCH_SIZE", "WORKERS"):
         if cfg.DATA[key] < (1 if key == "BATCH_SIZE" else 0):
             raise ConfigError(f"DATA.{key} must be {'positive' if key == 'BATCH_SIZE' else 'non-negative'}, got {cfg.DATA[key]}")
+    if cfg.TEST.MAX_IMAGES < 0:
+        raise ConfigError(f"TEST.MAX_IMAGES must be non-negative (0: the whole validation set), got {cfg.TEST.MAX_IMAGES}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -80,6 +82,8 @@ def build_datasets(cfg: CfgNode):
     root = d.ROOT or None
     train = build_dataset(d.DATASET, d.TRAIN_SPLIT, root, train_tf, d.SKIP_CORRUPT, **options)
     val = build_dataset(d.DATASET, d.VAL_SPLIT, root, eval_tf, d.SKIP_CORRUPT, **{**options, **({"seed": 1} if options else {})})
+    if cfg.TEST.MAX_IMAGES:
+        val = Subset(val, evaluation_subset(len(val), cfg.TEST.MAX_IMAGES))
     classes = len(getattr(train, "classes", [])) or cfg.MODEL.NUM_CLASSES
     if classes > cfg.MODEL.NUM_CLASSES:
         raise ConfigError(f"the training set has {classes} classes but MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}")
@@ -106,6 +110,9 @@ def build_val_loader(cfg: CfgNode, info: DistInfo, val_set) -> DataLoader:
 
 # ----------------------------------------------------------------------------- model and optimizer
 MUST_MATCH = "MODEL.ARCH, NORM, CENTERED_CONVS and NUM_CLASSES"  # for a checkpoint to load into the model this config builds
+# MODEL.WEIGHTS, which training starts from, may come with any norm (translated) and another number of classes
+FINETUNE_MUST_MATCH = "MODEL.ARCH and IN_CHANNELS must match the run that saved it; norms and the classifier may differ"
+CLASSIFIER = "fc."  # the layer whose shape follows MODEL.NUM_CLASSES, left new when the weights have other classes
 
 
 def build_model(cfg: CfgNode) -> nn.Module:
@@ -116,14 +123,16 @@ def build_model(cfg: CfgNode) -> nn.Module:
     return build_classifier(m.ARCH, m.NUM_CLASSES, m.NORM, options, m.CENTERED_CONVS, m.IN_CHANNELS, m.ZERO_INIT_RESIDUAL)
 
 
-def build_training_model(cfg: CfgNode, info: DistInfo) -> nn.Module:
-    """The model on its device, with identical initial weights on every rank, from ``MODEL.WEIGHTS`` if set."""
+def build_training_model(cfg: CfgNode, info: DistInfo, log: RunLogger) -> nn.Module:
+    """The model on its device, with identical initial weights on every rank, from ``MODEL.WEIGHTS`` if set: weights
+    of this trainer or torchvision's, with any norm (BN statistics become MABN's) and any number of classes."""
     torch.manual_seed(cfg.SEED)
     model = build_model(cfg).to(info.device)
     if cfg.SOLVER.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
     if cfg.MODEL.WEIGHTS:
-        load_weights(model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", MUST_MATCH)
+        load_pretrained(model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", lambda key: not key.startswith(CLASSIFIER),
+                        FINETUNE_MUST_MATCH, log)
     return model
 
 
@@ -133,6 +142,10 @@ class Schedule:
 
     steps_per_epoch: int
     total_steps: int
+
+    def epoch_end(self, progress: "Progress") -> int:
+        """The batch of ``progress``'s epoch after which training stops: its last, or earlier for SOLVER.MAX_STEPS."""
+        return min(self.steps_per_epoch, progress.batch_in_epoch + self.total_steps - progress.step)
 
 
 def build_schedule(cfg: CfgNode, sampler: ResumableDistributedSampler) -> Schedule:
@@ -174,8 +187,8 @@ def train_one_epoch(model: nn.Module, criterion, optimizer, scheduler, scaler, l
     model.train()
     sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
     window = {"steps": 0, "data": 0.0, "start": time.time()}
-    bar = progress_bar(loader, info.is_main and cfg.LOG.PROGRESS, total=schedule.steps_per_epoch, desc=f"epoch {progress.epoch}",
-                   initial=progress.batch_in_epoch)
+    bar = progress_bar(loader, info.is_main and cfg.LOG.PROGRESS, total=schedule.epoch_end(progress), desc=f"epoch {progress.epoch}",
+                       initial=progress.batch_in_epoch)
     end = time.time()
     for images, targets in bar:
         window["data"] += time.time() - end
@@ -277,7 +290,7 @@ def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> d
     val_loader = build_val_loader(cfg, info, val_set)
     schedule = build_schedule(cfg, sampler)
     # model, loss and optimizer
-    model = build_training_model(cfg, info)
+    model = build_training_model(cfg, info, log)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.SOLVER.LABEL_SMOOTHING)
     optimizer, scheduler, scaler, lr = build_optimizer(cfg, info, model, schedule)
     # resume
@@ -337,7 +350,7 @@ def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, __doc__, get_default_config, check_config, train, test_only)
+    return run(argv, __doc__, get_default_config, check_config, train, test_only, metrics=("val/top1_err", "val/top5_err"))
 
 
 if __name__ == "__main__":

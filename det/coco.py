@@ -7,6 +7,7 @@ back for the COCO evaluator.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from numbers import Real
@@ -128,6 +129,13 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, indices: list[int]) -> "CocoDetection":
+        """The same set (annotations, category mapping) restricted to these images; COCOeval of its predictions
+        scores these images only."""
+        view = copy.copy(self)
+        view.ids = [self.ids[i] for i in indices]
+        return view
 
     def get_height_and_width(self, idx: int) -> tuple[int, int]:
         """(height, width) from the annotation file, without decoding the image (aspect-ratio grouping)."""

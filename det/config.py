@@ -27,7 +27,9 @@ _C = CfgNode(
             "TRAINABLE_BACKBONE_LAYERS": 5,
             # ImageNet ResNet-50 for the body (fine-tuning): a torchvision state_dict or a cls/train.py checkpoint
             "BACKBONE_WEIGHTS": "",
-            # weights of the whole detector (a checkpoint of this trainer): initialization, or what --test-only evaluates
+            # weights of the whole detector, a checkpoint of this trainer or a torchvision Mask R-CNN state_dict: training
+            # starts from it (any norm, translated; the parts that do not fit stay new, said in the log), --test-only
+            # evaluates it (exactly)
             "WEIGHTS": "",
             # classes including the background (None: from the training annotations)
             "NUM_CLASSES": optional(int),
@@ -86,6 +88,7 @@ _C = CfgNode(
         "TEST": {
             "IMS_PER_GPU": 1,
             "EVAL_PERIOD": 0,  # iterations between evaluations (0: only at the end)
+            "MAX_IMAGES": 0,  # evaluate this many validation images, spread evenly over the set (0: all)
         },
         "CHECKPOINT": {
             "PERIOD": 5000,  # iterations between checkpoints (OUTPUT_DIR/checkpoint.pth, overwritten); 0: at the end only

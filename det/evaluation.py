@@ -116,6 +116,17 @@ class CocoEvaluator:
                 self.results[iou_type] = merged
         self._synchronized = True
 
+    def instances(self) -> list[dict]:
+        """Every detection as one COCO result (image_id, category_id, bbox as xywh, score and, with masks, an RLE
+        segmentation), by image id: detectron2's ``coco_instances_results.json``, which ``COCO.loadRes`` reads and
+        the COCO test-dev server takes. Call after :meth:`synchronize` for the detections of every rank."""
+        detections = []
+        for image_id in sorted(self.results[self.iou_types[0]]):
+            # both IoU types convert the same predictions in the same order, one dict per detection each
+            for parts in zip(*(self.results[t][image_id] for t in self.iou_types)):
+                detections.append({k: v for part in parts for k, v in part.items()})
+        return detections
+
     def evaluate(self) -> dict[str, dict[str, float]]:
         """COCO metrics in percent (-1 where COCO has no object of that size), identical on every rank.
 
@@ -157,13 +168,17 @@ def write_json(results: dict[str, dict[str, float]], path: str) -> str:
         if iou_type in results:
             payload.update({f"{prefix}_{name}": results[iou_type][name] for name in ("AP", "AP50", "AP75")})
     payload.update(results)
+    return write_json_atomically(payload, path, indent=2, sort_keys=True)
+
+
+def write_json_atomically(payload, path: str, **dump_options) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # A reader (or a crash mid-write) never sees a half-written file: write beside it, then rename over it.
-    fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".json.tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
+            json.dump(payload, f, **dump_options)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -10,8 +10,8 @@ aspect-ratio grouped), evaluated with pycocotools (box and mask AP). Trailing ``
 the config. A run resumes from ``OUTPUT_DIR/checkpoint.pth`` when one exists (or from ``--resume PATH``),
 exactly where it stopped. Everything a run writes goes to ``OUTPUT_DIR``: ``config.yaml`` (the resolved
 config), ``log.txt`` (with the COCO AP tables), ``tensorboard/``, ``checkpoint.pth``, ``metrics.json``
-(box / mask AP, AP50, AP75 of the latest evaluation) and finally ``model_final.pth``; ``--test-only``
-writes ``eval.json``.
+(box / mask AP, AP50, AP75 of the latest evaluation), ``inference/coco_instances_results.json`` (its
+detections, as detectron2 writes them) and finally ``model_final.pth``; ``--test-only`` writes ``eval.json``.
 """
 from __future__ import annotations
 
@@ -29,21 +29,23 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Sampler, Subset
 
-from det.backbone_weights import load_backbone_weights
+from det.backbone_weights import BODY_PREFIX, load_backbone_weights
 from det.coco import CocoDetection
 from det.config import get_default_config
-from det.evaluation import IOU_TYPES, CocoEvaluator, write_json
+from det.evaluation import IOU_TYPES, CocoEvaluator, write_json, write_json_atomically
 from det.model import NO_NORM, build_mask_rcnn
 from det.sampler import GroupedBatchSampler, aspect_ratio_group_ids, collate_fn
 from det.transforms import build_transforms
-from mabn.engine.checkpoint import Checkpointer, load_weights, resume_path
+from mabn.engine.checkpoint import Checkpointer, load_pretrained, load_weights, resume_path
 from mabn.engine.config import CfgNode, ConfigError
 from mabn.engine.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, wrap_ddp
 from mabn.engine.launch import NonFiniteLossError, autocast, run
 from mabn.engine.logger import RunLogger, progress_bar
-from mabn.engine.sampling import SeededDataset, shard_indices
+from mabn.engine.sampling import SeededDataset, evaluation_subset, shard_indices
 from mabn.engine.solver import LRSchedule, build_scheduler, build_sgd, linear_scaled_lr
 from mabn.layers.registry import NORMS, is_norm
+
+RESULTS_FILE = os.path.join("inference", "coco_instances_results.json")  # under OUTPUT_DIR, where detectron2 writes it
 
 # The lines of COCOeval's output worth keeping in the log: the 12-line AP / AR table of each IoU type.
 TABLE_LINES = ("IoU metric", " Average Precision", " Average Recall", "no detections")
@@ -75,7 +77,7 @@ def check_config(cfg: CfgNode, test_only: bool = False) -> None:
                           f"{s.WARMUP_ITERS} and {s.WARMUP_FACTOR}")
     if cfg.TEST.IMS_PER_GPU < 1:
         raise ConfigError(f"TEST.IMS_PER_GPU must be positive, got {cfg.TEST.IMS_PER_GPU}")
-    for key in ("DATA.WORKERS", "TEST.EVAL_PERIOD", "CHECKPOINT.PERIOD", "LOG.PERIOD"):
+    for key in ("DATA.WORKERS", "TEST.EVAL_PERIOD", "TEST.MAX_IMAGES", "CHECKPOINT.PERIOD", "LOG.PERIOD"):
         section, name = key.split(".")
         if cfg[section][name] < (1 if key == "LOG.PERIOD" else 0):
             raise ConfigError(f"{key} must be {'positive' if key == 'LOG.PERIOD' else 'non-negative'}, got {cfg[section][name]}")
@@ -106,7 +108,8 @@ def check_categories(reference: CocoDetection, other: CocoDetection) -> None:
 
 
 def build_val_set(cfg: CfgNode) -> CocoDetection:
-    return coco_set(cfg, "VAL_IMAGES", "VAL_ANNOTATIONS", None, train=False)
+    val_set = coco_set(cfg, "VAL_IMAGES", "VAL_ANNOTATIONS", None, train=False)
+    return val_set.subset(evaluation_subset(len(val_set), cfg.TEST.MAX_IMAGES)) if cfg.TEST.MAX_IMAGES else val_set
 
 
 def build_train_set(cfg: CfgNode, val_set: CocoDetection) -> tuple[torch.utils.data.Dataset, list[int]]:
@@ -177,6 +180,8 @@ def build_val_loader(cfg: CfgNode, info: DistInfo, val_set: CocoDetection) -> Da
 
 # ----------------------------------------------------------------------------- model
 MUST_MATCH = "MODEL.NORM, HEAD_NORM, CENTERED_CONVS and the categories"  # for a checkpoint to load into the model this config builds
+# MODEL.WEIGHTS, which training starts from (a detector of this trainer or torchvision's), must provide the whole body
+FINETUNE_MUST_MATCH = "its ResNet-50 body must load; FPN, RPN and RoI heads load where names and shapes match"
 
 
 def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
@@ -238,6 +243,8 @@ def evaluate(model: nn.Module, loader: DataLoader, val_set: CocoDetection, cfg: 
     evaluator.synchronize()
     if len(evaluator.results["bbox"]) != len(val_set):
         raise RuntimeError(f"evaluated {len(evaluator.results['bbox'])} images, expected {len(val_set)}")
+    if info.is_main:  # every detection, for test-dev submissions and error analysis
+        write_json_atomically(evaluator.instances(), os.path.join(cfg.OUTPUT_DIR, RESULTS_FILE))
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         metrics = evaluator.evaluate()
@@ -277,7 +284,8 @@ def build_training_model(cfg: CfgNode, info: DistInfo, log: RunLogger, num_class
         if cfg.MODEL.BACKBONE_WEIGHTS:
             load_backbone(model, cfg.MODEL.BACKBONE_WEIGHTS, log)
         if cfg.MODEL.WEIGHTS:
-            load_weights(model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", MUST_MATCH)
+            load_pretrained(model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", lambda key: key.startswith(BODY_PREFIX),
+                            FINETUNE_MUST_MATCH, log)
     return model
 
 
@@ -438,7 +446,8 @@ def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, __doc__, get_default_config, check_config, train, test_only)
+    return run(argv, __doc__, get_default_config, check_config, train, test_only,
+               metrics=[f"val/{iou_type}/AP" for iou_type in IOU_TYPES])
 
 
 if __name__ == "__main__":

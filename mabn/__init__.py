@@ -14,7 +14,9 @@ from .batch_statistics import BatchStatisticsRecorder
 from .convert import convert_model
 from .fold import fold_model
 from .layers import *  # noqa: F401,F403  (the layers and the norm registry, as listed in mabn.layers.__all__)
+from .transfer import TransferReport, transfer_state_dict
 
 __version__ = "0.1.0"
 
-__all__ = [*layers.__all__, "BatchStatisticsRecorder", "convert_model", "fold_model", "load_authors_state_dict"]
+__all__ = [*layers.__all__, "BatchStatisticsRecorder", "convert_model", "fold_model", "load_authors_state_dict",
+           "TransferReport", "transfer_state_dict"]

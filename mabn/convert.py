@@ -5,7 +5,8 @@
 
 Module names do not change, parameters are carried over (the same ``nn.Parameter`` objects), and
 running statistics are translated where the target keeps any (BN's ``mean / var`` become MABN's
-second moment ``var + mean^2``), so a converted pretrained model starts from its statistics.
+second moment ``var + mean^2``; :func:`mabn.transfer_state_dict` does it), so a converted pretrained
+model starts from its statistics.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 from torch import nn
 
 from .layers.cen_conv import CenConv2d
-from .layers.moving_average_bn import MovingAverageBatchNorm
 from .layers.registry import build_norm, converts_from
+from .transfer import STATISTICS, transfer_state_dict
 
 
 def convert_model(
@@ -74,18 +75,7 @@ def _convert_norm(old: nn.Module, norm: str, options: dict) -> nn.Module:
     return new
 
 
-@torch.no_grad()
 def _carry_running_stats(old: nn.Module, new: nn.Module) -> None:
-    mean, var = getattr(old, "running_mean", None), getattr(old, "running_var", None)
-    if mean is None or var is None:
-        return
-    if isinstance(new, MovingAverageBatchNorm):
-        if new.running_mean is not None:
-            new.running_mean.copy_(mean)
-            new.running_var.copy_(var)
-        else:  # the reduced statistic is the second moment around zero
-            new.running_var.copy_(var + mean * mean)
-        return
-    if getattr(new, "running_mean", None) is not None and getattr(new, "running_var", None) is not None:
-        new.running_mean.copy_(mean)
-        new.running_var.copy_(var)
+    statistics = {key: value for key, value in old.state_dict().items() if key in STATISTICS}
+    if len(statistics) == len(STATISTICS):
+        transfer_state_dict(new, statistics)

@@ -51,7 +51,7 @@ class TrainerEpoch:
         self.train_set, _ = cls_train.build_datasets(cfg)
         self.sampler, self.loader = cls_train.build_train_loader(cfg, info, self.train_set)
         self.schedule = cls_train.build_schedule(cfg, self.sampler)
-        self.model = cls_train.build_training_model(cfg, info)
+        self.model = cls_train.build_training_model(cfg, info, log)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.SOLVER.LABEL_SMOOTHING)
         self.optimizer, self.scheduler, self.scaler, self.lr = cls_train.build_optimizer(cfg, info, self.model, self.schedule)
         self.ddp_model = wrap_ddp(self.model, info)

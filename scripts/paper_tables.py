@@ -4,6 +4,7 @@
     python scripts/paper_tables.py configs imagenet_batch             # the table's config names, one a line
     python scripts/paper_tables.py configs coco strategy=finetune     # only the rows whose field has that value
     python scripts/paper_tables.py field coco finetune_mabn_2 backbone   # one field of one row ("" if unset)
+    python scripts/paper_tables.py config-map                         # every config and its row, as README.md shows it
 
 A config name is the config's path under configs/cls or configs/det without ".yaml" (``bn_b32``,
 ``ablation/fwdsma_bwdsma_reduced_renorm``, ``scratch_mabn_2``): the run directory that the launchers create
@@ -127,6 +128,46 @@ def paper_by_norm_and_b(table_rows: list[dict]) -> dict:
     return figures
 
 
+def paper_figure(table_name: str, r: dict) -> str:
+    """The published figure of a row as the tables print it: ``23.41``, ``~24.30``, ``APb 32.38 / APm 29.07``, ``-``."""
+    if r["paper"] is None:
+        return "-"
+    approximate = "~" if r["approximate"] else ""
+    metrics = table(table_name).get("metrics")
+    if metrics:
+        named = dict(zip(metrics, r["paper"]))
+        return " / ".join(f"{metric} {approximate}{named[metric]:.2f}" for metric in ("APb", "APm"))
+    return f"{approximate}{r['paper']:.2f}"
+
+
+def row_label(table_name: str, r: dict) -> str:
+    """What makes the row: ``BN, b = 32``; ``MABN, b = 2, without renormalization``; ``2x from scratch, BN, batch 2``."""
+    t = table(table_name)
+    if "switches" in t:
+        off = [t["switches"][switch] for switch, on in r["switches"].items() if not on]
+        return f"{norm_label(t['norm'])}, b = {t['b']}, " + (f"off: {', '.join(off)}" if off else "every switch on")
+    parts = [t["strategies"][r["strategy"]]] if "strategies" in t else []
+    parts.append(norm_label(r["norm"]))
+    if "b" in r:
+        parts.append(f"b = {r['b']}")
+    if "batch" in r:
+        parts.append(f"batch {r['batch']}")
+    label = ", ".join(parts)
+    if r.get("stands_in_for"):
+        label += f" (stands in for `{r['stands_in_for']}`)"
+    return label
+
+
+def config_map() -> str:
+    """Markdown: for each table of the paper, every config that reproduces one of its rows, the row and its figure."""
+    blocks = []
+    for table_name, t in load()["tables"].items():
+        lines = [f"| `{r['config']}` | {row_label(table_name, r)} | {paper_figure(table_name, r)} |" for r in t["rows"] if "config" in r]
+        if lines:  # a table of configs (the inference-speed table has none)
+            blocks.append("\n".join([f"| `configs/` | {t['title']} | paper |", "|---|---|---|", *lines]))
+    return "\n\n".join(blocks)
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -136,6 +177,8 @@ def main(argv=None) -> int:
         elif len(args) == 4 and args[0] == "field":
             value = row(args[1], args[2]).get(args[3])
             print("" if value is None else value)
+        elif args == ["config-map"]:
+            print(config_map())
         else:
             print(__doc__.split("\n\n")[1], file=sys.stderr)
             return 2

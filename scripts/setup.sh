@@ -32,8 +32,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
       || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q "${missing[@]}" >/dev/null; } \
-      || echo "setup: WARNING: could not install ${missing[*]}; see README (Data) for other ways to get them" >&2
+      || echo "setup: WARNING: could not install ${missing[*]} with apt-get; the Fashion-MNIST reproduction and the tests on real data need them (README, 'Training': other ways to get them)" >&2
   else
-    echo "setup: WARNING: ${missing[*]} missing and apt-get unusable here; see README (Data)" >&2
+    echo "setup: WARNING: ${missing[*]} missing and apt-get unusable here; the Fashion-MNIST reproduction and the tests on real data need them (README, 'Training': other ways to get them)" >&2
   fi
 fi

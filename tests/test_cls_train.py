@@ -191,3 +191,57 @@ def test_unreadable_resume_checkpoint_is_named_and_kept(data, tmp_path):
     result = run(tiny_args(data, out), check=False)
     assert result.returncode == 2 and f"--resume: cannot read checkpoint {garbage}" in result.stderr, result.stderr[-3000:]
     assert garbage.read_bytes() == b"this is no checkpoint"  # left for the user to inspect, not overwritten
+
+
+# ----------------------------------------------------------------------------------------------- fine-tuning, outputs
+def call(args, capsys):
+    """cls/train.py's main() in this process (no interpreter start-up): exit code and everything it printed."""
+    from cls.train import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_finetune_from_torchvision_weights_with_another_norm_and_classifier(data, tmp_path, capsys):
+    """A torchvision ResNet-18 state_dict (BN, 1000 classes) starts a MABN run with 3 classes and trains a step
+    (at lr 0, so that what was loaded is still there at the end), evaluated on a subset of the validation set."""
+    weights = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(weights, path)
+    out = tmp_path / "ft"
+    code, output = call(tiny_args(data, out, "MODEL.NORM", "mabn", "MODEL.CENTERED_CONVS", "True", "MODEL.WEIGHTS", str(path),
+                                  "SOLVER.MAX_STEPS", "1", "SOLVER.BASE_LR", "0.0", "TEST.MAX_IMAGES", "7", "LOG.PROGRESS", "True"), capsys)
+    assert code == 0, output[-3000:]
+    assert f"MODEL.WEIGHTS {path}: " in output and "20 norm statistics translated to the model's norms" in output
+    assert "new (initialized here): fc.* (2 keys)" in output and "fc.weight (checkpoint shape (1000, 512), model (3, 512))" in output
+    assert "epoch 0:" in output and "| 0/1 [" in output  # the bar ends at SOLVER.MAX_STEPS 1, not at the epoch's 6 steps
+    final = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    for key in ("conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.bn2.bias"):
+        assert torch.equal(final[key], weights[key]), key
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 7 and metrics["total_steps"] == 1  # 7 of the 15 validation images
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert f"    WEIGHTS: {path}" in text and "    NORM: mabn" in text  # the resolved config, as a code block
+    hparams = events.PluginTagToContent("hparams")
+    experiment = HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/top1_err", "val/top5_err"]
+    run_hparams = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info.hparams
+    assert run_hparams["MODEL.NORM"].string_value == "mabn" and run_hparams["TEST.MAX_IMAGES"].number_value == 7
+
+    code, output = call(tiny_args(data, tmp_path / "x", "MODEL.ARCH", "resnet20", "MODEL.WEIGHTS", str(path)), capsys)
+    assert code == 2 and f"MODEL.WEIGHTS: cannot load {path} into this CifarResNet (MODEL.ARCH and IN_CHANNELS must match" in output
+
+
+def test_progress_bar_ends_where_the_run_stops():
+    from cls.train import Progress, Schedule
+
+    assert Schedule(steps_per_epoch=937, total_steps=20).epoch_end(Progress()) == 20
+    assert Schedule(937, 1874).epoch_end(Progress(epoch=1, batch_in_epoch=5, step=942)) == 937
+    assert Schedule(937, 1000).epoch_end(Progress(epoch=1, batch_in_epoch=5, step=942)) == 63  # resumed inside the last epoch

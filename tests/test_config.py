@@ -89,3 +89,36 @@ def test_frozen_config_refuses_writes():
     cfg = load_config(_defaults(), None)
     with pytest.raises(ConfigError, match="frozen"):
         cfg.SOLVER.BASE_LR = 0.3
+
+
+# ----------------------------------------------------------------------------- the trainers' command line
+def test_detectron2_spellings_and_flags_after_the_overrides():
+    from mabn.engine.launch import parse_args
+
+    args = parse_args(["--config-file", "a.yaml", "SOLVER.EPOCHS", "2", "--eval-only", "--checkpoint", "m.pth", "OUTPUT_DIR", "o"], "")
+    assert (args.config, args.test_only, args.checkpoint, args.opts) == ("a.yaml", True, "m.pth", ["SOLVER.EPOCHS", "2", "OUTPUT_DIR", "o"])
+    args = parse_args(["--config", "a.yaml", "SOLVER.EPOCHS", "2", "--resume"], "")
+    assert (args.resume, args.opts) == ("", ["SOLVER.EPOCHS", "2"])
+    args = parse_args(["--resume", "OUTPUT_DIR", "runs/x", "SOLVER.STEPS", "[-1, 2]", "SOLVER.BASE_LR", "-0.5"], "")
+    assert (args.resume, args.opts) == ("", ["OUTPUT_DIR", "runs/x", "SOLVER.STEPS", "[-1, 2]", "SOLVER.BASE_LR", "-0.5"])
+    assert parse_args(["--resume", "runs/x/checkpoint.pth", "SEED", "1"], "").resume == "runs/x/checkpoint.pth"
+
+
+def test_a_flag_in_place_of_a_value_is_refused_saying_so(capsys):
+    from mabn.engine.launch import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["SOLVER.EPOCHS", "--resume"], "")
+    assert exit_.value.code == 2
+    assert "SOLVER.EPOCHS has no value (--resume is a flag: give KEY VALUE pairs, flags before, between or after them)" in capsys.readouterr().err
+
+
+def test_print_config_lists_every_key_with_its_default(capsys):
+    from cls.config import get_default_config
+    from cls.train import main
+
+    assert main(["--print-config"]) == 0  # without DATA.ROOT, which training on ImageNet would need
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == get_default_config().to_dict()
+    assert main(["SOLVER.EPOCHS", "3", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["SOLVER"]["EPOCHS"] == 3

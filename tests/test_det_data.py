@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DistributedSampler, RandomSampler
 
 from det.coco import CocoDetection
-from det.evaluation import CocoEvaluator, write_json
+from det.evaluation import CocoEvaluator, write_json, write_json_atomically
 from det.sampler import GroupedBatchSampler, aspect_ratio_group_ids, collate_fn
 from det.synthetic_shapes import CATEGORIES, make_shapes_dataset
 from det.transforms import RandomHorizontalFlip, build_transforms, hflip
@@ -159,6 +159,38 @@ def test_evaluator_only_scores_the_images_it_saw(shapes):
     predictions = ground_truth_predictions(dataset)
     half = {i: predictions[i] for i in dataset.ids[:4]}
     assert evaluate(dataset, half)["bbox"]["AP"] == pytest.approx(100)
+
+
+def test_results_file_is_coco_results_json_that_pycocotools_loads(shapes, tmp_path):
+    """The ground truth as detections of a subset of the images, written as coco_instances_results.json: pycocotools
+    loads it, and COCOeval of the loaded file scores those images 100 (boxes; masks without the box field)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from mabn.engine.sampling import evaluation_subset
+
+    dataset = shapes_split(shapes)
+    subset = dataset.subset(evaluation_subset(len(dataset), 3))
+    assert len(subset) == 3 and subset.ids == [dataset.ids[0], dataset.ids[2], dataset.ids[5]] and len(dataset) == 8
+    predictions = ground_truth_predictions(subset)
+    evaluator = CocoEvaluator(subset.coco, ("bbox", "segm"), subset.label_to_category_id)
+    evaluator.update(predictions)
+    evaluator.synchronize()
+    path = write_json_atomically(evaluator.instances(), str(tmp_path / "inference" / "coco_instances_results.json"))
+    ground_truth = COCO(os.path.join(shapes, "annotations", "instances_val2017.json"))
+    loaded = ground_truth.loadRes(path)
+    assert len(loaded.anns) == sum(len(p["boxes"]) for p in predictions.values()) > 0
+    assert {ann["image_id"] for ann in loaded.anns.values()} == set(subset.ids)
+    for iou_type in ("bbox", "segm"):
+        detections = json.loads(open(path).read())
+        if iou_type == "segm":  # with a box, loadRes would take its area for the size buckets (detectron2 drops it too)
+            detections = [{k: v for k, v in d.items() if k != "bbox"} for d in detections]
+        coco_eval = COCOeval(ground_truth, ground_truth.loadRes(detections), iou_type)
+        coco_eval.params.imgIds = subset.ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+        assert coco_eval.stats[0] == pytest.approx(1.0), iou_type
 
 
 def test_evaluator_merges_ranks_with_all_gather(shapes, tmp_path):

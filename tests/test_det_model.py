@@ -16,6 +16,8 @@ import mabn
 from det.backbone_weights import load_backbone_weights
 from det.model import build_mask_rcnn
 
+from fixtures_weights import randomized_statistics
+
 NUM_CLASSES = 3
 TINY = dict(
     min_size=64,
@@ -233,21 +235,6 @@ def test_an_option_two_norms_read_differently_is_refused_and_the_heads_take_thei
 
 
 # ------------------------------------------------------------------------------------ backbone weights
-def randomized_statistics(state):
-    """A ResNet-50 state_dict whose norm statistics are not the initial 0 / 1, so copies are visible."""
-    generator = torch.Generator().manual_seed(2)
-    out = {}
-    for key, value in state.items():
-        if key.endswith("running_mean"):
-            value = torch.randn(value.shape, generator=generator)
-        elif key.endswith(("running_var", "window_var", "window_psi")):
-            value = torch.rand(value.shape, generator=generator) + 0.5
-        elif key.endswith(("num_batches_tracked", "num_steps", "num_norm_batches")):
-            value = torch.full_like(value, 37)
-        out[key] = value
-    return out
-
-
 def test_torchvision_resnet50_state_dict_loads_into_bn_model(tmp_path):
     source = randomized_statistics(torchvision.models.resnet50().state_dict())
     path = tmp_path / "resnet50.pth"

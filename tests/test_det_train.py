@@ -75,6 +75,11 @@ def assert_tables(text, count=1):
     assert text.count(AP_LINE) == text.count(LAST_AR_LINE) == 2 * count, text[-3000:]
 
 
+def val_image_ids(data):
+    with open(os.path.join(data, "annotations", "instances_val2017.json")) as f:
+        return [image["id"] for image in json.load(f)["images"]]
+
+
 def assert_headlines(metrics):
     for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
         for name in ("AP", "AP50", "AP75"):
@@ -99,6 +104,8 @@ def test_torchrun_two_processes(shapes, tmp_path, config, norm):
     assert f"norm {norm}" in result.stderr and "on 2 process(es) x 2 images" in result.stderr
     assert (out / "config.yaml").exists() and (out / "model_final.pth").exists()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
+    detections = json.loads((out / "inference" / "coco_instances_results.json").read_text())  # both ranks' images
+    assert isinstance(detections, list) and {d["image_id"] for d in detections} <= set(val_image_ids(shapes))
 
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["iter"] == 3 and len(state["ranks"]) == 2
@@ -309,3 +316,45 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_pa
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["iter"] >= 1 and not (out / "model_final.pth").exists()
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_finetune_from_a_torchvision_mask_rcnn_writes_coco_results_of_a_subset(shapes, tmp_path, capsys):
+    """MODEL.WEIGHTS takes a torchvision maskrcnn_resnet50_fpn state_dict (BN statistics as the published file keeps
+    them: no counters; 91 classes): the body is translated to MABN, the FPN / RPN / mask-head convs load, the rest
+    stays new, as the log says. One iteration at lr 0, then the evaluation of 3 of the 4 validation images, whose
+    detections go to inference/coco_instances_results.json."""
+    from pycocotools.coco import COCO
+
+    torch.manual_seed(2)
+    published = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    weights = {k: v for k, v in published.items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "maskrcnn_resnet50_fpn.pth"
+    torch.save(weights, path)
+    out = tmp_path / "ft"
+    code, output = call(tiny_args("scratch_mabn_2.yaml", shapes, out, "MODEL.WEIGHTS", str(path), "SOLVER.MAX_ITER", "1",
+                                  "SOLVER.STEPS", "[]", "SOLVER.BASE_LR", "0.0", "TEST.MAX_IMAGES", "3"), capsys)
+    assert code == 0, output[-3000:]
+    line = next(line for line in output.splitlines() if f"MODEL.WEIGHTS {path}: " in line)
+    assert "53 norm statistics translated to the model's norms" in line
+    assert "roi_heads.box_head.* (" in line and "backbone.fpn.inner_blocks.0.1.* (" in line  # new: 4conv1fc head, FPN norms
+    assert "roi_heads.box_head.fc6.* (no module named 'roi_heads.box_head.fc6' in this MaskRCNN)" in line
+    assert "roi_heads.box_predictor.cls_score.weight (checkpoint shape (91, 1024), model (4, 1024))" in line
+    final = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    for key in ("backbone.body.layer3.2.conv2.weight", "backbone.body.layer1.0.bn1.weight", "backbone.fpn.inner_blocks.1.0.weight",
+                "rpn.head.conv.0.0.weight", "roi_heads.mask_head.2.0.weight", "roi_heads.mask_predictor.conv5_mask.weight"):
+        assert torch.equal(final[key], weights[key]), key
+
+    assert "COCO evaluation of 3 images" in output
+    ground_truth = COCO(os.path.join(shapes, "annotations", "instances_val2017.json"))
+    results = ground_truth.loadRes(str(out / "inference" / "coco_instances_results.json"))
+    detections = results.dataset["annotations"]
+    assert detections and {d["image_id"] for d in detections} <= set(sorted(ground_truth.imgs)[:3])  # the subset's
+    assert all({"image_id", "category_id", "bbox", "score", "segmentation"} <= set(d) for d in detections)
+
+
+def test_weights_without_the_body_are_a_config_error(shapes, tmp_path, capsys):
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)  # a classifier: MODEL.BACKBONE_WEIGHTS's job
+    code, output = call(tiny_args("base.yaml", shapes, tmp_path / "x", "MODEL.WEIGHTS", str(path)), capsys)
+    assert code == 2 and f"MODEL.WEIGHTS: cannot load {path} into this MaskRCNN (its ResNet-50 body must load" in output, output
+    assert "key(s) of this MaskRCNN missing from the checkpoint: backbone.body.* (" in output

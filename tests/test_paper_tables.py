@@ -50,3 +50,14 @@ def test_command_line_lists_a_table_or_one_field(capsys):
     assert paper_tables.main(["field", "coco", "finetune_mabn_2", "backbone"]) == 0
     assert capsys.readouterr().out == "--imagenet-mabn\n"
     assert paper_tables.main(["configs", "nowhere"]) == 1 and "no table 'nowhere'" in capsys.readouterr().err
+
+
+def test_the_readme_shows_the_config_map_of_the_tables_file():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    begin, end = "<!-- config map: begin -->\n", "\n<!-- config map: end -->"
+    assert readme[readme.index(begin) + len(begin):readme.index(end)] == paper_tables.config_map(), \
+        "README.md's config map is stale: paste the output of `python scripts/paper_tables.py config-map`"
+    assert "| `cls/mabn_b2.yaml` | MABN, b = 2 | 23.67 |" in readme
+    assert "| `cls/ablation/fwdsma_bwdsma_reduced_norenorm.yaml` | MABN, b = 2, off: renormalization | - |" in readme
+    assert "| `det/finetune_mabn_2.yaml` | 2x fine-tune, MABN, batch 2 | APb 38.42 / APm 34.12 |" in readme

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..transfer import IncompatibleStateDictError, TransferReport, transfer_state_dict
 from .config import ConfigError
 from .distributed import all_gather_objects, average_norm_statistics, barrier
 
@@ -60,19 +61,38 @@ def model_state_dict(state: dict, path: str = "<checkpoint>") -> dict:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in weights.items()}
 
 
-def load_weights(model: nn.Module, path: str, key: str, must_match: str = "") -> None:
-    """Model weights of a trainer checkpoint or a bare ``state_dict`` into ``model``. Errors are config errors
-    (exit code 2) that name ``key``, where the path came from (``MODEL.WEIGHTS``, ``--checkpoint``), and the
-    file; ``must_match`` says which settings must agree with the run that saved it."""
+def _read_weights(path: str, key: str) -> dict:
     try:
-        weights = model_state_dict(load_checkpoint(path), path)
+        return model_state_dict(load_checkpoint(path), path)
     except (FileNotFoundError, CheckpointError) as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+def load_weights(model: nn.Module, path: str, key: str, must_match: str = "") -> None:
+    """Model weights of a trainer checkpoint or a bare ``state_dict`` into ``model``, exactly (what is evaluated).
+    Errors are config errors (exit code 2) that name ``key``, where the path came from (``MODEL.WEIGHTS``,
+    ``--checkpoint``), and the file; ``must_match`` says which settings must agree with the run that saved it."""
+    weights = _read_weights(path, key)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         hint = f" ({must_match} must match the run that saved it)" if must_match else ""
         raise ConfigError(f"{key}: cannot load {path} into this {type(model).__name__}{hint}: {e}") from None
+
+
+def load_pretrained(model: nn.Module, path: str, key: str, required: Callable[[str], bool], must_match: str, log) -> TransferReport:
+    """Weights to start training from (``MODEL.WEIGHTS``): a trainer checkpoint or a bare ``state_dict``, saved with
+    any norm and possibly another head, through :func:`mabn.transfer_state_dict`. The keys for which ``required``
+    holds must load (else a config error naming ``key``, the file and ``must_match``); what was loaded,
+    translated, restarted, left new and skipped goes to the log."""
+    weights = _read_weights(path, key)
+    try:
+        report = transfer_state_dict(model, weights, strict=required, model_name=f"this {type(model).__name__}")
+    except IncompatibleStateDictError as e:
+        raise ConfigError(f"{key}: cannot load {path} into this {type(model).__name__} ({must_match}):\n"
+                          + "\n".join(e.problems)) from None
+    log.info(f"{key} {path}: {report.summary()}")
+    return report
 
 
 def rng_states() -> dict:

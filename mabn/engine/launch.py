@@ -2,15 +2,19 @@
 
     torchrun --nproc_per_node=8 {cls,det}/train.py --config FILE [--resume [PATH]] [--test-only [--checkpoint PATH]] [KEY VALUE ...]
 
-Exit codes: 0 done, 2 a configuration or input that cannot be used (the message names it), 3 a NaN/Inf
-loss (the last good checkpoint is kept); anything else propagates, and torchrun stops the other ranks.
+detectron2's spellings work too (``--config-file``, ``--eval-only``), and flags may also follow the ``KEY VALUE``
+overrides. ``--print-config`` prints every config key with its value (the defaults, then the file and the
+overrides) and exits. Exit codes: 0 done, 2 a configuration or input that cannot be used (the message names
+it), 3 a NaN/Inf loss (the last good checkpoint is kept); anything else propagates, and torchrun stops the
+other ranks.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -18,20 +22,52 @@ from .config import CfgNode, ConfigError, load_config
 from .distributed import DistInfo, cleanup, init_distributed, local_rank_from_argv
 from .logger import RunLogger
 
+# What a config key looks like (OUTPUT_DIR, SOLVER.BASE_LR): a word after --resume that looks like one and is no
+# file is the first override, not the checkpoint to resume from.
+CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)*")
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf on some rank; every rank raises it at the same step."""
 
 
-def parse_args(argv: list[str], description: str) -> argparse.Namespace:
+def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (may inherit others through _BASE_)")
-    parser.add_argument("--resume", nargs="?", const="", default=None,
+    parser.add_argument("--config", "--config-file", dest="config", metavar="FILE",
+                        help="YAML config (may inherit others through _BASE_)")
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                         help="resume from PATH (default: OUTPUT_DIR/checkpoint.pth, which is also picked up automatically)")
-    parser.add_argument("--test-only", action="store_true", help="evaluate --checkpoint (or MODEL.WEIGHTS) and exit")
-    parser.add_argument("--checkpoint", help="weights to evaluate with --test-only")
+    parser.add_argument("--test-only", "--eval-only", dest="test_only", action="store_true",
+                        help="evaluate --checkpoint (or MODEL.WEIGHTS) and exit")
+    parser.add_argument("--checkpoint", metavar="PATH", help="weights to evaluate with --test-only")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every config key with its value (defaults <- --config <- overrides) and exit")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs overriding the config")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str], description: str) -> argparse.Namespace:
+    """The arguments, flags before, between or after the ``KEY VALUE`` overrides."""
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
+    overrides = []
+    while True:
+        if args.resume and CONFIG_KEY.fullmatch(args.resume) and not os.path.exists(args.resume):
+            args.opts, args.resume = [args.resume, *args.opts], ""  # `--resume OUTPUT_DIR runs/x`: the flag alone
+        opts, key_at = args.opts, 0
+        # argparse.REMAINDER takes everything from the first KEY on, flags included; a flag where a KEY is due
+        # starts the arguments over
+        while key_at < len(opts) and not opts[key_at].startswith("-"):
+            if key_at + 1 < len(opts) and opts[key_at + 1].startswith("--"):  # no config value starts so
+                parser.error(f"{opts[key_at]} has no value ({opts[key_at + 1]} is a flag: give KEY VALUE pairs, "
+                             "flags before, between or after them)")
+            key_at += 2
+        overrides += opts[:key_at]
+        if key_at >= len(opts):
+            break
+        parser.parse_args(opts[key_at:], namespace=args)
+    args.opts = overrides
+    return args
 
 
 def autocast(amp: str, device: torch.device):
@@ -46,12 +82,17 @@ def run(
     check_config: Callable[[CfgNode, bool], None],
     train: Callable[[CfgNode, DistInfo, RunLogger, Optional[str]], object],
     test: Callable[[CfgNode, DistInfo, RunLogger, Optional[str]], object],
+    metrics: Sequence[str] = (),
 ) -> int:
     """Parse, resolve and check the config, join the process group, then ``train(cfg, info, log, resume)`` or
-    ``test(cfg, info, log, checkpoint)``; returns the exit code."""
+    ``test(cfg, info, log, checkpoint)``; returns the exit code. ``metrics``: the scalar tags that TensorBoard's
+    HParams tab shows beside the config of each training run (e.g. ``val/top1_err``)."""
     args = parse_args(local_rank_from_argv(sys.argv[1:] if argv is None else argv), description)
     try:
         cfg = load_config(defaults(), args.config, args.opts)
+        if args.print_config:
+            print(cfg.dump(), end="")
+            return 0
         check_config(cfg, args.test_only)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -61,6 +102,7 @@ def run(
     try:
         if info.is_main:
             cfg.save(os.path.join(cfg.OUTPUT_DIR, "config_test.yaml" if args.test_only else "config.yaml"))
+        log.config(cfg, () if args.test_only else metrics)
         if args.test_only:
             test(cfg, info, log, args.checkpoint)
         else:

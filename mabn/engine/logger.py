@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -56,6 +56,20 @@ class RunLogger:
         for key, value in values.items():
             self.writer.add_scalar(f"{prefix}{key}", float(value), step)
 
+    def config(self, cfg, metrics: Sequence[str] = ()) -> None:
+        """The resolved config to TensorBoard: as YAML text and, with ``metrics`` (scalar tags such as
+        ``val/top1_err``), as this run's hyperparameters, which the HParams tab compares across runs."""
+        if self.writer is None:
+            return
+        self.writer.add_text("config", "\n".join("    " + line for line in cfg.dump().splitlines()))  # a code block
+        if metrics:
+            from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+            hparams = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+                       for key, value in _leaves(cfg.to_dict())}
+            for summary in hparams_summaries(hparams, {tag: 0.0 for tag in metrics}):
+                self.writer.file_writer.add_summary(summary)
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
@@ -67,6 +81,14 @@ class RunLogger:
         for handler in list(self.log.handlers):
             handler.close()
             self.log.removeHandler(handler)
+
+
+def _leaves(values: dict, prefix: str = ""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def progress_bar(iterable: Iterable, enabled: bool, total: Optional[int] = None, desc: str = "", initial: int = 0):

@@ -74,3 +74,11 @@ class SeededDataset(Dataset):
 def shard_indices(dataset_size: int, rank: int, world_size: int) -> list[int]:
     """Evaluation shard of one rank: every sample exactly once over all ranks, no padding duplicates."""
     return list(range(rank, dataset_size, world_size))
+
+
+def evaluation_subset(dataset_size: int, max_samples: int) -> list[int]:
+    """``TEST.MAX_IMAGES``: that many indices spread evenly over the dataset (every index when 0 or at least its
+    size). Spread rather than the first ones, so that a set ordered by class (ImageFolder) keeps every class."""
+    if max_samples <= 0 or max_samples >= dataset_size:
+        return list(range(dataset_size))
+    return [i * dataset_size // max_samples for i in range(max_samples)]
