@@ -284,3 +284,9 @@ def test_main_runs_each_part_within_the_time_left_keeps_going_and_reports(monkey
     written = json.loads(report.read_text())
     assert written["exit_code"] == 1 and list(written["parts"]) == ["broken", "slow", "late"]
     assert "Traceback" in written["parts"]["broken"]["details"]["traceback"] and written["parts"]["late"]["unrun"]
+
+
+def test_every_part_gets_its_whole_budget_within_the_ten_minutes():
+    assert sum(part.budget_s for part in gpu_check.PARTS) + gpu_check.MIN_PART_S <= gpu_check.TIME_LIMIT_S < 600
+    assert [part.name for part in gpu_check.PARTS][:3] == ["layers", "bench_layers", "bench_inference"]
+    assert {part.name for part in gpu_check.PARTS} >= {run.name for run in gpu_check.TRAINER_RUNS}
