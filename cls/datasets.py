@@ -18,6 +18,9 @@ from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
 
+# The ILSVRC-2012 (ImageNet-1k) training set: what one epoch of the paper's recipe reads.
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
 IMAGE_FOLDER_LAYOUT = "expected <root>/<split>/<class>/<image>, e.g. <root>/train/n01440764/n01440764_10026.JPEG"
 
 # Where the Debian package `dataset-fashion-mnist` installs the original idx files.

@@ -31,10 +31,11 @@ from torch.utils.data import DataLoader
 
 from cls import train as cls_train
 from cls.config import get_default_config
+from cls.datasets import IMAGENET_TRAIN_IMAGES
 from mabn.engine.distributed import init_distributed, wrap_ddp
 from mabn.engine.logger import RunLogger
 
-IMAGENET_RUN_IMAGES = 120 * 1_281_167  # the paper's recipe: 120 epochs of ImageNet-1k train
+IMAGENET_RUN_IMAGES = get_default_config().SOLVER.EPOCHS * IMAGENET_TRAIN_IMAGES  # one run of the paper's recipe
 CONFIGS = {
     "BN-32": ["MODEL.NORM", "bn"],
     "BN-2": ["MODEL.NORM", "bn", "MODEL.NORM_BATCH_SIZE", "2"],

@@ -28,9 +28,10 @@ def _close(actual, expected, rtol, msg):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=msg)
 
 
-def _compare(make, shape, steps=7, dtype=torch.float32, memory_format=torch.contiguous_format, rtol=1e-5):
+def _compare(make, shape, device, steps=7, dtype=torch.float32, memory_format=torch.contiguous_format, rtol=1e-5):
+    """Layers built on the CPU and moved to ``device``, data drawn on the CPU: the same numbers on every device."""
     torch.manual_seed(0)
-    reference, fused = make("reference").to(dtype), make("fused").to(dtype)
+    reference, fused = make("reference").to(device, dtype), make("fused").to(device, dtype)
     fused.load_state_dict(reference.state_dict())
     with torch.no_grad():
         for layer in (reference, fused):
@@ -38,8 +39,8 @@ def _compare(make, shape, steps=7, dtype=torch.float32, memory_format=torch.cont
                 layer.weight.copy_(torch.linspace(0.5, 1.5, layer.weight.numel()))
                 layer.bias.copy_(torch.linspace(-0.3, 0.3, layer.bias.numel()))
     for step in range(steps):
-        x = (torch.randn(shape, dtype=dtype) * (1 + 0.2 * step) + 0.3).contiguous(memory_format=memory_format)
-        dy = torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format)
+        x = (torch.randn(shape, dtype=dtype) * (1 + 0.2 * step) + 0.3).to(device).contiguous(memory_format=memory_format)
+        dy = torch.randn(shape, dtype=dtype).to(device).contiguous(memory_format=memory_format)
         outs = []
         for layer in (reference, fused):
             layer.zero_grad()
@@ -58,41 +59,43 @@ def _compare(make, shape, steps=7, dtype=torch.float32, memory_format=torch.cont
 
 
 @pytest.mark.parametrize("case", list(MABN_CASES))
-def test_fused_equals_reference_float32(case):
-    _compare(MABN_CASES[case], SHAPES.get(case, (8, 8, 6, 5)))
+def test_fused_equals_reference_float32(case, device):
+    _compare(MABN_CASES[case], SHAPES.get(case, (8, 8, 6, 5)), device)
 
 
 @pytest.mark.parametrize("case", ["formal-b=2", "full-statistics-b=2", "brn-b=2"])
-def test_fused_equals_reference_float64(case):
-    _compare(MABN_CASES[case], (8, 8, 6, 5), dtype=torch.float64, rtol=1e-10)
+def test_fused_equals_reference_float64(case, device):
+    _compare(MABN_CASES[case], (8, 8, 6, 5), device, dtype=torch.float64, rtol=1e-10)
 
 
 @pytest.mark.parametrize("case", ["formal-b=2", "bn-b=2"])
-def test_fused_channels_last(case):
-    y, dx, _, _ = _compare(MABN_CASES[case], (8, 8, 6, 5), memory_format=torch.channels_last)[1]
+def test_fused_channels_last(case, device):
+    y, dx, _, _ = _compare(MABN_CASES[case], (8, 8, 6, 5), device, memory_format=torch.channels_last)[1]
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert dx.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_fused_under_bf16_autocast_matches_reference():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_under_autocast_matches_reference(dtype, device):
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-    layers = {name: MABN2d(8, buffer_size=2, warmup_iters=1, renorm_warmup_iters=1, norm_batch_size=2, backend=name) for name in ("reference", "fused")}
-    x = torch.randn(4, 3, 6, 6)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1).to(device)
+    layers = {name: MABN2d(8, buffer_size=2, warmup_iters=1, renorm_warmup_iters=1, norm_batch_size=2, backend=name).to(device)
+              for name in ("reference", "fused")}
+    x = torch.randn(4, 3, 6, 6).to(device)
     outputs = {}
     for name, layer in layers.items():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype):
             h = conv(x)
             y = layer(h)
-        assert y.dtype == torch.bfloat16 and layer.running_var.dtype == torch.float32
+        assert y.dtype == dtype and layer.running_var.dtype == torch.float32
         outputs[name] = y.float()
     torch.testing.assert_close(outputs["fused"], outputs["reference"], rtol=1e-2, atol=1e-2)
 
 
-def test_fused_path_never_synchronizes_with_the_host(monkeypatch):
+def test_fused_path_never_synchronizes_with_the_host(monkeypatch, device):
     """No .item() / bool() / tolist() on tensors in the training forward and backward (compiled kernels warm)."""
-    layer = MABN2d(8, buffer_size=3, warmup_iters=1, renorm_warmup_iters=1, norm_batch_size=2, backend="fused")
-    warm = torch.randn(8, 8, 5, 5, requires_grad=True)
+    layer = MABN2d(8, buffer_size=3, warmup_iters=1, renorm_warmup_iters=1, norm_batch_size=2, backend="fused").to(device)
+    warm = torch.randn(8, 8, 5, 5, device=device, requires_grad=True)
     layer(warm).sum().backward()
 
     def refuse(*args, **kwargs):
@@ -101,7 +104,7 @@ def test_fused_path_never_synchronizes_with_the_host(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     for _ in range(3):
-        layer(torch.randn(8, 8, 5, 5, requires_grad=True)).sum().backward()
+        layer(torch.randn(8, 8, 5, 5, device=device, requires_grad=True)).sum().backward()
     monkeypatch.undo()
     assert layer.num_steps.item() == 4
 

@@ -171,12 +171,13 @@ def test_channels_last_matches_contiguous(make):
         torch.testing.assert_close(u, v, msg=name)
 
 
-@pytest.mark.parametrize("make", [lambda: MABN2d(4, norm_batch_size=2), lambda: BatchRenorm2d(4), lambda: BatchNorm2d(4, norm_batch_size=2)])
-def test_empty_batch_returns_empty_and_touches_no_buffer(make):
-    layer = make()
-    layer(torch.randn(4, 4, 3, 3)).sum().backward()
+@pytest.mark.parametrize("make", [lambda: MABN2d(4, norm_batch_size=2), lambda: BatchRenorm2d(4), lambda: BatchNorm2d(4, norm_batch_size=2)],
+                         ids=["mabn-b=2", "brn", "bn-b=2"])
+def test_empty_batch_returns_empty_and_touches_no_buffer(make, device):
+    layer = make().to(device)
+    layer(torch.randn(4, 4, 3, 3, device=device)).sum().backward()
     before = copy.deepcopy(layer.state_dict())
-    x = torch.randn(0, 4, 3, 3, requires_grad=True)
+    x = torch.randn(0, 4, 3, 3, device=device, requires_grad=True)
     y = layer(x)
     assert y.shape == (0, 4, 3, 3)
     y.sum().backward()
@@ -209,13 +210,15 @@ def test_backward_twice_through_one_forward_is_refused():
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_activation_checkpointing_advances_state_once(use_reentrant):
+def test_activation_checkpointing_advances_state_once(use_reentrant, device):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1).double()
     plain = nn.Sequential(copy.deepcopy(conv), MABN2d(4, buffer_size=2, warmup_iters=1, renorm_warmup_iters=2, norm_batch_size=2).double(), nn.ReLU())
+    plain.to(device)
     ckpt = copy.deepcopy(plain)
     xs, _ = _data(5, (4, 3, 6, 6))
     _, dys = _data(5, (4, 4, 6, 6), seed=1)
+    xs, dys = [x.to(device) for x in xs], [dy.to(device) for dy in dys]
     for x, dy in zip(xs, dys):
         xa = x.clone().requires_grad_()
         xb = x.clone().requires_grad_()
