@@ -124,24 +124,54 @@ def coco_table(root: str) -> str:
     return "\n".join(lines)
 
 
-def plot_error_vs_b(measured: dict, paper: dict, out: str, ylabel: str = "top-1 error (%)", title: str = "") -> str:
-    """Error against the normalization batch b per norm: measured (solid) beside the paper's (dashed)."""
+def _mean_and_spread(values) -> tuple[float, float]:
+    """A run's figure, or the mean and standard deviation of one figure over seeds (0 for a single seed)."""
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def error_vs_b_figure(panels: list[dict], ylabel: str = "top-1 error (%)"):
+    """Error against the normalization batch b, one panel per dataset, like the paper's figure.
+
+    Each panel is ``{"title": str, "measured": {norm: {b: figure or [figure per seed]}}, "paper": {norm: {b: figure}}}``
+    ("measured" and "paper" each optional). b is a number on a log2 axis, largest on the left as in the paper,
+    so partial results never reorder it; measured points carry an error bar of one standard deviation over
+    seeds, paper figures are dashed.
+    """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, norm in enumerate(_batch_norms()):
-        color, label = f"C{i}", paper_tables.norm_label(norm)
-        if measured.get(norm):
-            bs = sorted(measured[norm], reverse=True)
-            ax.plot([str(b) for b in bs], [measured[norm][b] for b in bs], "o-", color=color, label=f"{label} (measured)")
-        if paper.get(norm):
-            bs = sorted(paper[norm], reverse=True)
-            ax.plot([str(b) for b in bs], [paper[norm][b] for b in bs], "s--", color=color, alpha=0.5, label=f"{label} (paper, ImageNet)")
-    ax.set_xlabel("normalization batch b")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8)
-    return save_figure(fig, out)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        ticks = set()
+        for i, norm in enumerate(_batch_norms()):
+            color, label = f"C{i}", paper_tables.norm_label(norm)
+            measured, paper = panel.get("measured", {}).get(norm), panel.get("paper", {}).get(norm)
+            if measured:
+                bs = sorted(measured)
+                points = [_mean_and_spread(measured[b]) for b in bs]
+                ax.errorbar(bs, [m for m, _ in points], yerr=[s for _, s in points], fmt="o-", color=color, capsize=3,
+                            label=f"{label} (measured)" if paper else label)
+                ticks.update(bs)
+            if paper:
+                bs = sorted(paper)
+                ax.plot(bs, [paper[b] for b in bs], "s--", color=color, alpha=0.5, label=f"{label} (paper)" if measured else label)
+                ticks.update(bs)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ticks), [str(b) for b in sorted(ticks)])
+        ax.minorticks_off()
+        ax.invert_xaxis()
+        ax.set_xlabel("normalization batch b")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel["title"])
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_error_vs_b(panels: list[dict], out: str, ylabel: str = "top-1 error (%)") -> str:
+    """Write :func:`error_vs_b_figure` to ``out``."""
+    return save_figure(error_vs_b_figure(panels, ylabel), out)
 
 
 def main(argv=None) -> int:
@@ -156,7 +186,8 @@ def main(argv=None) -> int:
         print(text + "\n")
         if args.plot:
             paper = paper_tables.paper_by_norm_and_b(paper_tables.rows("imagenet_batch"))
-            print(f"wrote {plot_error_vs_b(measured, paper, args.plot)}\n")
+            panel = {"title": "ImageNet, ResNet-50", "measured": measured, "paper": paper}
+            print(f"wrote {plot_error_vs_b([panel], args.plot)}\n")
     if args.only != "imagenet":
         print(coco_table(args.coco))
     return 0

@@ -50,3 +50,34 @@ def test_fashion_mnist_summary_reports_mean_spread_and_gap():
     assert "| BN | 32 | 11.00 ± 1.41 | 2 | +0.00 | 23.41 |" in lines
     assert "| MABN | 2 | 14.00 ± 1.41 | 2 | +3.00 | 23.67 |" in lines
     assert means["mabn"][1] == 17.0
+
+
+def test_error_vs_b_axis_is_numeric_log2_whatever_order_the_results_come_in():
+    # Partial results, first seen in the order 2, 32, 16, 8, 4, 1: a categorical axis would wrap the curves.
+    measured = {"bn": {2: [30.0, 31.0], 32: [24.0, 24.2], 16: [24.5], 8: [25.0], 4: [27.0], 1: [60.0, 40.0]}}
+    fig = collect_results.error_vs_b_figure([{"title": "measured", "measured": measured},
+                                             {"title": "paper", "paper": {"bn": {32: 23.4, 2: 35.2}}}])
+    measured_ax, paper_ax = fig.axes
+    assert measured_ax.get_xscale() == "log" and paper_ax.get_xscale() == "log"
+    assert [t.get_text() for t in measured_ax.get_xticklabels()] == ["1", "2", "4", "8", "16", "32"]
+    assert measured_ax.xaxis_inverted()  # largest b on the left, as in the paper's figure
+    line = measured_ax.get_lines()[0]
+    assert list(line.get_xdata()) == [1, 2, 4, 8, 16, 32]
+    assert list(line.get_ydata()) == [50.0, 30.5, 27.0, 25.0, 24.5, 24.1]
+    # One error bar per point: the seeds' standard deviation (0 where there is one seed).
+    (bars,) = measured_ax.containers
+    segments = bars.lines[2][0].get_segments()
+    spans = [round(abs(seg[1][1] - seg[0][1]) / 2, 6) for seg in segments]
+    assert spans == [round(14.142136, 6), round(0.707107, 6), 0.0, 0.0, 0.0, round(0.141421, 6)]
+    assert [t.get_text() for t in paper_ax.get_xticklabels()] == ["2", "32"]
+    assert measured_ax.get_title() == "measured" and paper_ax.get_title() == "paper"
+
+
+def test_fashion_mnist_schedules_name_existing_rows_and_summarize_a_subset():
+    for schedule in reproduce_fashion_mnist.SCHEDULES.values():
+        assert set(schedule["rows"]) <= set(reproduce_fashion_mnist.ALL_ROWS)
+    long = reproduce_fashion_mnist.SCHEDULES["long"]
+    assert long["steps"] == 4 * reproduce_fashion_mnist.STEPS_PER_EPOCH and long["seeds"] >= 2
+    results = {("mabn", 1): [16.0, 17.0], ("bn", 1): [50.0, 54.0]}
+    table, _ = reproduce_fashion_mnist.summarize(results, steps=7500)
+    assert "| MABN | 1 | 16.50 ± 0.71 | 2 | - |" in table and "| BN | 32 |" not in table
