@@ -80,8 +80,11 @@ def build_datasets(cfg: CfgNode):
         options = dict(num_samples=d.SYNTHETIC_SAMPLES, num_classes=cfg.MODEL.NUM_CLASSES,
                        image_size=d.SYNTHETIC_IMAGE_SIZE, channels=cfg.MODEL.IN_CHANNELS)
     root = d.ROOT or None
-    train = build_dataset(d.DATASET, d.TRAIN_SPLIT, root, train_tf, d.SKIP_CORRUPT, **options)
-    val = build_dataset(d.DATASET, d.VAL_SPLIT, root, eval_tf, d.SKIP_CORRUPT, **{**options, **({"seed": 1} if options else {})})
+    try:
+        train = build_dataset(d.DATASET, d.TRAIN_SPLIT, root, train_tf, d.SKIP_CORRUPT, **options)
+        val = build_dataset(d.DATASET, d.VAL_SPLIT, root, eval_tf, d.SKIP_CORRUPT, **{**options, **({"seed": 1} if options else {})})
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # a missing or malformed data root, split or file
+        raise ConfigError(f"DATA.DATASET {d.DATASET!r}, DATA.ROOT {d.ROOT!r}: {e}") from None
     if cfg.TEST.MAX_IMAGES:
         val = Subset(val, evaluation_subset(len(val), cfg.TEST.MAX_IMAGES))
     classes = len(getattr(train, "classes", [])) or cfg.MODEL.NUM_CLASSES
@@ -120,7 +123,10 @@ def build_model(cfg: CfgNode) -> nn.Module:
     options = dict(m.NORM_OPTIONS)
     if m.NORM_BATCH_SIZE is not None:
         options["norm_batch_size"] = m.NORM_BATCH_SIZE
-    return build_classifier(m.ARCH, m.NUM_CLASSES, m.NORM, options, m.CENTERED_CONVS, m.IN_CHANNELS, m.ZERO_INIT_RESIDUAL)
+    try:
+        return build_classifier(m.ARCH, m.NUM_CLASSES, m.NORM, options, m.CENTERED_CONVS, m.IN_CHANNELS, m.ZERO_INIT_RESIDUAL)
+    except ValueError as e:  # an unknown norm option, a value the norm refuses, a channel count GN cannot split, ...
+        raise ConfigError(f"MODEL.NORM {m.NORM!r} / MODEL.NORM_OPTIONS {dict(options)}: {e}") from None
 
 
 def build_training_model(cfg: CfgNode, info: DistInfo, log: RunLogger) -> nn.Module:
