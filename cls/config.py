@@ -3,7 +3,7 @@
 Every YAML under ``configs/cls/`` only states what differs from these; every value can be overridden
 on the command line (``SOLVER.BASE_LR 0.05``). See ``mabn/engine/config.py`` for the rules.
 """
-from mabn.engine.config import CfgNode, one_of, optional
+from mabn.engine.config import CfgNode, in_range, non_negative, one_of, positive
 from mabn.layers.registry import NORMS
 
 _C = CfgNode(
@@ -13,11 +13,11 @@ _C = CfgNode(
         "DEVICE": one_of("auto", "cpu", "cuda"),
         "MODEL": {
             "ARCH": one_of("resnet50", "resnet18", "resnet20"),
-            "NUM_CLASSES": 1000,
-            "IN_CHANNELS": 3,
+            "NUM_CLASSES": positive(1000),
+            "IN_CHANNELS": positive(3),
             "NORM": one_of("bn", *[n for n in NORMS if n != "frozenbn"]),
             # b, the normalization batch; None = the whole per-GPU batch (bn, brn and mabn only)
-            "NORM_BATCH_SIZE": optional(int),
+            "NORM_BATCH_SIZE": positive(None, kind=int),
             # keyword options of the norm layer (mabn.build_norm), e.g. {buffer_size: 16, warmup_iters: 100}
             "NORM_OPTIONS": CfgNode({}, new_allowed=True),
             "CENTERED_CONVS": False,
@@ -31,59 +31,59 @@ _C = CfgNode(
             "ROOT": "",
             "TRAIN_SPLIT": "train",
             "VAL_SPLIT": "val",
-            "BATCH_SIZE": 32,  # per process (GPU): the gradient batch N
-            "WORKERS": 8,
+            "BATCH_SIZE": positive(32),  # per process (GPU): the gradient batch N
+            "WORKERS": non_negative(8),
             "SKIP_CORRUPT": False,
-            "CROP_SIZE": 224,
-            "RESIZE_SIZE": 256,
-            "LIGHTING_STD": 0.1,
-            "PADDING": 4,  # small-image datasets: random-crop padding
-            "SYNTHETIC_SAMPLES": 1024,
-            "SYNTHETIC_IMAGE_SIZE": 224,
+            "CROP_SIZE": positive(224),
+            "RESIZE_SIZE": positive(256),
+            "LIGHTING_STD": non_negative(0.1),
+            "PADDING": non_negative(4),  # small-image datasets: random-crop padding
+            "SYNTHETIC_SAMPLES": positive(1024),
+            "SYNTHETIC_IMAGE_SIZE": positive(224),
         },
         "SOLVER": {
-            "EPOCHS": 120,
-            "BASE_LR": 0.1,
-            "REFERENCE_BATCH": 256,  # BASE_LR is the rate at this many images per step (linear scaling)
-            "MOMENTUM": 0.9,
+            "EPOCHS": positive(120),
+            "BASE_LR": non_negative(0.1),
+            "REFERENCE_BATCH": positive(256),  # BASE_LR is the rate at this many images per step (linear scaling)
+            "MOMENTUM": in_range(0.9, 0.0, 1.0),
             "NESTEROV": False,
-            "WEIGHT_DECAY": 1e-4,
-            "NORM_WEIGHT_DECAY": optional(float),  # None: WEIGHT_DECAY on norm parameters too (the authors)
+            "WEIGHT_DECAY": non_negative(1e-4),
+            "NORM_WEIGHT_DECAY": non_negative(None, kind=float),  # None: WEIGHT_DECAY on norm parameters too (the authors)
             "LR_SCHEDULE": one_of("step", "cosine"),
             "LR_STEPS": [30, 60, 90],  # epochs
-            "LR_GAMMA": 0.1,
-            "WARMUP_EPOCHS": 0.0,
-            "WARMUP_FACTOR": 0.1,
-            "LABEL_SMOOTHING": 0.1,
+            "LR_GAMMA": positive(0.1),
+            "WARMUP_EPOCHS": non_negative(0.0),
+            "WARMUP_FACTOR": in_range(0.1, 0.0, 1.0, low_open=True),
+            "LABEL_SMOOTHING": in_range(0.1, 0.0, 1.0),
             "AMP": one_of("off", "bf16", "fp16"),
             "CHANNELS_LAST": False,
             # stop after this many steps (None: run all EPOCHS); for short runs and benchmarks
-            "MAX_STEPS": optional(int),
+            "MAX_STEPS": positive(None, kind=int),
         },
         "TEST": {
-            "BATCH_SIZE": 50,
-            "EVAL_PERIOD": 1,  # epochs
-            "MAX_IMAGES": 0,  # evaluate this many validation images, spread evenly over the set (0: all)
+            "BATCH_SIZE": positive(50),
+            "EVAL_PERIOD": positive(1),  # epochs
+            "MAX_IMAGES": non_negative(0),  # evaluate this many validation images, spread evenly over the set (0: all)
         },
         "CHECKPOINT": {
-            "PERIOD_STEPS": 0,  # also save every this many steps inside an epoch (0: at epoch ends only)
+            "PERIOD_STEPS": non_negative(0),  # also save every this many steps inside an epoch (0: at epoch ends only)
         },
         "DIST": {
             "BACKEND": one_of("auto", "nccl", "gloo"),
-            "TIMEOUT_MINUTES": 30.0,
+            "TIMEOUT_MINUTES": positive(30.0),
             # average BN/BRN/MABN inference statistics over ranks before evaluating and saving
             "AVERAGE_NORM_STATS": True,
         },
         "LOG": {
-            "PERIOD": 20,  # steps between TensorBoard / text-log lines
+            "PERIOD": positive(20),  # steps between TensorBoard / text-log lines
             "PROGRESS": True,  # tqdm bar on rank 0
         },
         "STATS": {
             # record mu_B, sigma_B^2, g_B, Psi_B of norm layers (mabn.BatchStatisticsRecorder)
             "RECORD": False,
             "LAYERS": ["layer1.0.bn1"],
-            "CHANNEL": 0,
-            "PERIOD": 1,
+            "CHANNEL": non_negative(0),
+            "PERIOD": positive(1),
         },
     }
 )

@@ -182,6 +182,15 @@ class FashionMNISTDataset(Dataset):
         return image, self.targets[index]
 
 
+def _holds(directory: str, files: tuple[str, ...]) -> bool:
+    return all(os.path.isfile(os.path.join(directory, name)) for name in files)
+
+
+def _fashion_mnist_directories(root: str | os.PathLike) -> list[str]:
+    """Where under ``root`` the idx files may be: in it, or in torchvision's layout ``root/FashionMNIST/raw``."""
+    return [os.fspath(root), os.path.join(root, "FashionMNIST", "raw")]
+
+
 def fashion_mnist(
     split: str,
     transform: Callable | None = None,
@@ -197,10 +206,10 @@ def fashion_mnist(
         raise ValueError(f"unknown Fashion-MNIST split {split!r}; valid: {', '.join(_FASHION_MNIST_SPLITS)}")
     split = _FASHION_MNIST_SPLITS[split]
     files = _FASHION_MNIST_FILES[split]
-    searched = [os.fspath(root), os.path.join(root, "FashionMNIST", "raw")] if root is not None else []
+    searched = _fashion_mnist_directories(root) if root is not None else []
     searched.append(DEBIAN_FASHION_MNIST_DIR)
     for directory in searched:
-        if all(os.path.isfile(os.path.join(directory, name)) for name in files):
+        if _holds(directory, files):
             return FashionMNISTDataset(*_read_fashion_mnist(directory, split), transform, source=directory)
 
     problem = f"Fashion-MNIST files {', '.join(files)} not found in {', '.join(searched)}"
@@ -263,6 +272,14 @@ def _build_imagenet(split, root, transform, skip_corrupt):
 
 def _build_fashion_mnist(split, root, transform, skip_corrupt, download_dir=None):
     # skip_corrupt does not apply: the files are decoded and validated as a whole when loading.
+    # fashion_mnist() falls back to the Debian copy or a download; a root that was given must be the one read
+    if root is not None and split in _FASHION_MNIST_SPLITS:
+        files = _FASHION_MNIST_FILES[_FASHION_MNIST_SPLITS[split]]
+        if not any(_holds(directory, files) for directory in _fashion_mnist_directories(root)):
+            raise FileNotFoundError(
+                f"root {os.fspath(root)} holds no Fashion-MNIST files {', '.join(files)} (nor its FashionMNIST/raw): "
+                "give the directory that holds them, or no root for the installed copy"
+            )
     return fashion_mnist(split, transform, root, download_dir)
 
 

@@ -42,12 +42,12 @@ from mabn.layers.registry import groupable_norms
 
 
 def check_config(cfg: CfgNode, test_only: bool = False) -> None:
-    """Cross-key constraints that types alone cannot express; each error names the keys involved."""
+    """Cross-key constraints that types and ranges (cls/config.py) cannot express; each error names the keys involved."""
     b, n = cfg.MODEL.NORM_BATCH_SIZE, cfg.DATA.BATCH_SIZE
     if b is not None:
         if cfg.MODEL.NORM not in groupable_norms():
             raise ConfigError(f"MODEL.NORM_BATCH_SIZE applies to {', '.join(groupable_norms())}, not MODEL.NORM {cfg.MODEL.NORM!r}")
-        if b <= 0 or n % b != 0:
+        if n % b != 0:
             raise ConfigError(f"MODEL.NORM_BATCH_SIZE={b} must be a positive divisor of DATA.BATCH_SIZE={n}")
     if "norm_batch_size" in cfg.MODEL.NORM_OPTIONS:
         raise ConfigError("set the normalization batch with MODEL.NORM_BATCH_SIZE, not MODEL.NORM_OPTIONS.norm_batch_size")
@@ -55,11 +55,6 @@ def check_config(cfg: CfgNode, test_only: bool = False) -> None:
         raise ConfigError("DATA.ROOT must point to the ImageNet directory (with train/ and val/) for DATA.DATASET imagenet")
     if cfg.DATA.DATASET == "fashion_mnist" and cfg.MODEL.IN_CHANNELS != 1:
         raise ConfigError("Fashion-MNIST images have one channel: set MODEL.IN_CHANNELS 1")
-    for key in ("BATCH_SIZE", "WORKERS"):
-        if cfg.DATA[key] < (1 if key == "BATCH_SIZE" else 0):
-            raise ConfigError(f"DATA.{key} must be {'positive' if key == 'BATCH_SIZE' else 'non-negative'}, got {cfg.DATA[key]}")
-    if cfg.TEST.MAX_IMAGES < 0:
-        raise ConfigError(f"TEST.MAX_IMAGES must be non-negative (0: the whole validation set), got {cfg.TEST.MAX_IMAGES}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -80,8 +75,11 @@ def build_datasets(cfg: CfgNode):
         options = dict(num_samples=d.SYNTHETIC_SAMPLES, num_classes=cfg.MODEL.NUM_CLASSES,
                        image_size=d.SYNTHETIC_IMAGE_SIZE, channels=cfg.MODEL.IN_CHANNELS)
     root = d.ROOT or None
-    train = build_dataset(d.DATASET, d.TRAIN_SPLIT, root, train_tf, d.SKIP_CORRUPT, **options)
-    val = build_dataset(d.DATASET, d.VAL_SPLIT, root, eval_tf, d.SKIP_CORRUPT, **{**options, **({"seed": 1} if options else {})})
+    try:
+        train = build_dataset(d.DATASET, d.TRAIN_SPLIT, root, train_tf, d.SKIP_CORRUPT, **options)
+        val = build_dataset(d.DATASET, d.VAL_SPLIT, root, eval_tf, d.SKIP_CORRUPT, **{**options, **({"seed": 1} if options else {})})
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # a missing or malformed data root, split or file
+        raise ConfigError(f"DATA.DATASET {d.DATASET!r}, DATA.ROOT {d.ROOT!r}: {e}") from None
     if cfg.TEST.MAX_IMAGES:
         val = Subset(val, evaluation_subset(len(val), cfg.TEST.MAX_IMAGES))
     classes = len(getattr(train, "classes", [])) or cfg.MODEL.NUM_CLASSES
@@ -120,7 +118,10 @@ def build_model(cfg: CfgNode) -> nn.Module:
     options = dict(m.NORM_OPTIONS)
     if m.NORM_BATCH_SIZE is not None:
         options["norm_batch_size"] = m.NORM_BATCH_SIZE
-    return build_classifier(m.ARCH, m.NUM_CLASSES, m.NORM, options, m.CENTERED_CONVS, m.IN_CHANNELS, m.ZERO_INIT_RESIDUAL)
+    try:
+        return build_classifier(m.ARCH, m.NUM_CLASSES, m.NORM, options, m.CENTERED_CONVS, m.IN_CHANNELS, m.ZERO_INIT_RESIDUAL)
+    except ValueError as e:  # an unknown norm option, a value the norm refuses, a channel count GN cannot split, ...
+        raise ConfigError(f"MODEL.NORM {m.NORM!r} / MODEL.NORM_OPTIONS {dict(options)}: {e}") from None
 
 
 def build_training_model(cfg: CfgNode, info: DistInfo, log: RunLogger) -> nn.Module:

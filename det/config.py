@@ -3,7 +3,7 @@
 Every YAML under ``configs/det/`` only states what differs from these; every value can be overridden
 on the command line (``SOLVER.BASE_LR 0.01``). See ``mabn/engine/config.py`` for the rules.
 """
-from mabn.engine.config import CfgNode, one_of, optional
+from mabn.engine.config import CfgNode, in_range, non_negative, one_of, optional, positive
 from mabn.layers.registry import NORMS
 
 _C = CfgNode(
@@ -24,7 +24,7 @@ _C = CfgNode(
             # weight-centered convs (mabn.CenConv2d) in body, FPN and heads (None: exactly for mabn)
             "CENTERED_CONVS": optional(bool),
             # body stages trained, counted from layer4: 5 trains everything (from scratch), 3 freezes stem + layer1
-            "TRAINABLE_BACKBONE_LAYERS": 5,
+            "TRAINABLE_BACKBONE_LAYERS": in_range(5, 0, 5),
             # ImageNet ResNet-50 for the body (fine-tuning): a torchvision state_dict or a cls/train.py checkpoint
             "BACKBONE_WEIGHTS": "",
             # weights of the whole detector, a checkpoint of this trainer or a torchvision Mask R-CNN state_dict: training
@@ -32,28 +32,28 @@ _C = CfgNode(
             # evaluates it (exactly)
             "WEIGHTS": "",
             # classes including the background (None: from the training annotations)
-            "NUM_CLASSES": optional(int),
-            "MIN_SIZE": 800,  # short side of the resized images
-            "MAX_SIZE": 1333,  # cap on the long side
+            "NUM_CLASSES": in_range(None, 2, kind=int),
+            "MIN_SIZE": positive(800),  # short side of the resized images
+            "MAX_SIZE": positive(1333),  # cap on the long side
             "RPN": {  # torchvision's defaults (numbers of proposals are per image; PRE_NMS per FPN level)
-                "PRE_NMS_TOP_N_TRAIN": 2000,
-                "PRE_NMS_TOP_N_TEST": 1000,
-                "POST_NMS_TOP_N_TRAIN": 2000,
-                "POST_NMS_TOP_N_TEST": 1000,
-                "NMS_THRESH": 0.7,
-                "FG_IOU_THRESH": 0.7,
-                "BG_IOU_THRESH": 0.3,
-                "BATCH_SIZE_PER_IMAGE": 256,  # anchors sampled per image for the RPN losses
-                "POSITIVE_FRACTION": 0.5,
+                "PRE_NMS_TOP_N_TRAIN": positive(2000),
+                "PRE_NMS_TOP_N_TEST": positive(1000),
+                "POST_NMS_TOP_N_TRAIN": positive(2000),
+                "POST_NMS_TOP_N_TEST": positive(1000),
+                "NMS_THRESH": in_range(0.7, 0.0, 1.0),
+                "FG_IOU_THRESH": in_range(0.7, 0.0, 1.0),
+                "BG_IOU_THRESH": in_range(0.3, 0.0, 1.0),
+                "BATCH_SIZE_PER_IMAGE": positive(256),  # anchors sampled per image for the RPN losses
+                "POSITIVE_FRACTION": in_range(0.5, 0.0, 1.0),
             },
             "ROI_HEADS": {  # Detectron's: 512 RoIs per image, a quarter of them foreground
-                "BATCH_SIZE_PER_IMAGE": 512,
-                "POSITIVE_FRACTION": 0.25,
-                "FG_IOU_THRESH": 0.5,
-                "BG_IOU_THRESH": 0.5,
-                "SCORE_THRESH_TEST": 0.05,
-                "NMS_THRESH_TEST": 0.5,
-                "DETECTIONS_PER_IMG": 100,
+                "BATCH_SIZE_PER_IMAGE": positive(512),
+                "POSITIVE_FRACTION": in_range(0.25, 0.0, 1.0),
+                "FG_IOU_THRESH": in_range(0.5, 0.0, 1.0),
+                "BG_IOU_THRESH": in_range(0.5, 0.0, 1.0),
+                "SCORE_THRESH_TEST": in_range(0.05, 0.0, 1.0),
+                "NMS_THRESH_TEST": in_range(0.5, 0.0, 1.0),
+                "DETECTIONS_PER_IMG": positive(100),
             },
         },
         "DATA": {
@@ -68,41 +68,41 @@ _C = CfgNode(
             "TRAIN_ANNOTATIONS": ["annotations/instances_train2017.json"],
             "VAL_IMAGES": "val2017",
             "VAL_ANNOTATIONS": "annotations/instances_val2017.json",
-            "WORKERS": 4,  # loader processes per GPU
+            "WORKERS": non_negative(4),  # loader processes per GPU
         },
         "SOLVER": {
             # The paper's 2x schedule: 180k iterations of 16 images, lr / 10 at 120k and 160k.
-            "MAX_ITER": 180000,
+            "MAX_ITER": positive(180000),
             "STEPS": [120000, 160000],
-            "GAMMA": 0.1,
-            "IMS_PER_GPU": 2,  # images per process: the gradient (and, for bn / brn / mabn, normalization) batch
-            "BASE_LR": 0.02,
-            "REFERENCE_BATCH": 16,  # BASE_LR is the rate at this many images per iteration (linear scaling)
-            "MOMENTUM": 0.9,
-            "WEIGHT_DECAY": 1e-4,
-            "NORM_WEIGHT_DECAY": optional(float),  # None: WEIGHT_DECAY on norm parameters too
-            "WARMUP_ITERS": 500,
-            "WARMUP_FACTOR": 1.0 / 3,  # the warm-up ramps the rate linearly from this fraction
+            "GAMMA": positive(0.1),
+            "IMS_PER_GPU": positive(2),  # images per process: the gradient (and, for bn / brn / mabn, normalization) batch
+            "BASE_LR": non_negative(0.02),
+            "REFERENCE_BATCH": positive(16),  # BASE_LR is the rate at this many images per iteration (linear scaling)
+            "MOMENTUM": in_range(0.9, 0.0, 1.0),
+            "WEIGHT_DECAY": non_negative(1e-4),
+            "NORM_WEIGHT_DECAY": non_negative(None, kind=float),  # None: WEIGHT_DECAY on norm parameters too
+            "WARMUP_ITERS": non_negative(500),
+            "WARMUP_FACTOR": in_range(1.0 / 3, 0.0, 1.0, low_open=True),  # the warm-up ramps the rate linearly from this fraction
             "AMP": one_of("off", "bf16", "fp16"),
         },
         "TEST": {
-            "IMS_PER_GPU": 1,
-            "EVAL_PERIOD": 0,  # iterations between evaluations (0: only at the end)
-            "MAX_IMAGES": 0,  # evaluate this many validation images, spread evenly over the set (0: all)
+            "IMS_PER_GPU": positive(1),
+            "EVAL_PERIOD": non_negative(0),  # iterations between evaluations (0: only at the end)
+            "MAX_IMAGES": non_negative(0),  # evaluate this many validation images, spread evenly over the set (0: all)
         },
         "CHECKPOINT": {
-            "PERIOD": 5000,  # iterations between checkpoints (OUTPUT_DIR/checkpoint.pth, overwritten); 0: at the end only
+            "PERIOD": non_negative(5000),  # iterations between checkpoints (OUTPUT_DIR/checkpoint.pth, overwritten); 0: at the end only
         },
         "DIST": {
             "BACKEND": one_of("auto", "nccl", "gloo"),
-            "TIMEOUT_MINUTES": 30.0,
+            "TIMEOUT_MINUTES": positive(30.0),
             # average BN/BRN/MABN inference statistics over ranks before evaluating and saving
             "AVERAGE_NORM_STATS": True,
             # DDP's search for parameters without gradient; every parameter gets one in Mask R-CNN training
             "FIND_UNUSED_PARAMETERS": False,
         },
         "LOG": {
-            "PERIOD": 20,  # iterations between TensorBoard / text-log lines
+            "PERIOD": positive(20),  # iterations between TensorBoard / text-log lines
             "PROGRESS": True,  # tqdm bar on rank 0
         },
     }

@@ -10,6 +10,7 @@ model starts from its statistics.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -29,10 +30,13 @@ def convert_model(
 ) -> nn.Module:
     """Replace, in place, every 2d batch norm by ``build_norm(norm, C, **norm_options)`` and, with
     ``conv='cen'``, every ``nn.Conv2d`` (those for which ``conv_filter(name, module)`` is true) by a
-    :class:`~mabn.CenConv2d`. ``norm=None`` leaves the norms alone. Returns ``model``."""
+    :class:`~mabn.CenConv2d`. ``norm=None`` leaves the norms alone. Returns ``model``; warns when it found
+    nothing to replace (a model converted already, a norm type ``convert_model`` does not know, a filter that
+    accepts no conv)."""
     if conv not in (None, "plain", "cen"):
         raise ValueError(f"conv must be None, 'plain' or 'cen', got {conv!r}")
     norm_options = dict(norm_options or {})
+    replaced = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full_name = f"{name}.{child_name}" if name else child_name
@@ -43,6 +47,14 @@ def convert_model(
                 replacement = _centered_conv(child)
             if replacement is not None:
                 setattr(module, child_name, replacement)
+                replaced += 1
+    if not replaced:
+        wanted = [f"2d batch norms to turn into {norm!r}"] if norm is not None else []
+        if conv == "cen":
+            wanted.append("nn.Conv2d layers" + (" accepted by conv_filter" if conv_filter is not None else ""))
+        found = " or ".join(wanted) if wanted else "nothing was asked for (norm=None, conv=None)"
+        warnings.warn(f"convert_model: nothing to convert in this {type(model).__name__}: "
+                      + (f"no {found}" if wanted else found) + "; the model is returned unchanged", UserWarning, stacklevel=2)
     return model
 
 

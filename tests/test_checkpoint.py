@@ -105,3 +105,17 @@ def test_training_checkpoint_round_trip_and_errors(tmp_path):
     assert load_training_checkpoint(path, 1, 2, *other, ("step",)).exact is False  # saved by 1 process, resumed by 2
     with pytest.raises(CheckpointError, match=r"is not a checkpoint of this trainer \(missing \['iter'\]\)"):
         load_training_checkpoint(path, 0, 1, *other, ("iter",))
+
+
+def test_resuming_into_a_model_with_another_norm_is_a_checkpoint_error_naming_the_file(tmp_path):
+    """Not torch's bare 'Error(s) in loading state_dict' traceback: the trainers turn CheckpointError into a config
+    error (exit code 2) naming --resume (issue 13)."""
+    import mabn
+
+    path = str(tmp_path / "checkpoint.pth")
+    save_training_checkpoint(path, True, *_run_state(0), {"step": 7}, "A: 1\n", {})
+    model, optimizer, scheduler, scaler = _run_state(1)
+    model[1] = mabn.MABN1d(3)  # the run resumed with MODEL.NORM mabn
+    with pytest.raises(CheckpointError, match=rf"{path} does not fit this model: it was written by a run with another model "
+                                              r"\(MODEL.NORM, .*\n.*Error\(s\) in loading state_dict (.|\n)*Unexpected key\(s\)"):
+        load_training_checkpoint(path, 0, 1, model, optimizer, scheduler, scaler, ("step",))

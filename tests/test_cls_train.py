@@ -245,3 +245,31 @@ def test_progress_bar_ends_where_the_run_stops():
     assert Schedule(steps_per_epoch=937, total_steps=20).epoch_end(Progress()) == 20
     assert Schedule(937, 1874).epoch_end(Progress(epoch=1, batch_in_epoch=5, step=942)) == 937
     assert Schedule(937, 1000).epoch_end(Progress(epoch=1, batch_in_epoch=5, step=942)) == 63  # resumed inside the last epoch
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["MODEL.NORM_OPTIONS.momentum", "3.0"],
+         "error: MODEL.NORM 'bn' / MODEL.NORM_OPTIONS {'momentum': 3.0}: BatchNorm2d: momentum (update rate of the "
+         "running statistics) must be in [0, 1] or None, got 3.0"),
+        (["MODEL.NORM", "mabn", "MODEL.NORM_OPTIONS.buffer", "4"], "MODEL.NORM_OPTIONS {'buffer': 4}: norm 'mabn' does not accept option(s) ['buffer']"),
+        (["TEST.BATCH_SIZE", "0"], "config error: config key 'TEST.BATCH_SIZE' in the command line must be an integer > 0, got 0"),
+        (["SOLVER.BASE_LR", "-0.1"], "config key 'SOLVER.BASE_LR' in the command line must be a finite number >= 0, got -0.1"),
+    ],
+)
+def test_values_that_torch_or_a_norm_would_refuse_are_config_errors(data, tmp_path, capsys, overrides, message):
+    """Exit code 2 and the key named, not a traceback from a layer, SGD or the DataLoader (issue 13)."""
+    code, output = call(tiny_args(data, tmp_path / "x", *overrides), capsys)
+    assert code == 2 and message in output, output[-3000:]
+    assert "Traceback" not in output and not (tmp_path / "x" / "checkpoint.pth").exists()
+
+
+def test_a_fashion_mnist_root_without_the_files_is_refused(tmp_path, capsys):
+    """The loader falls back to the installed copy; a DATA.ROOT that was given must be the one read."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, output = call(["DATA.DATASET", "fashion_mnist", "MODEL.ARCH", "resnet20", "MODEL.NUM_CLASSES", "10", "MODEL.IN_CHANNELS", "1",
+                         "DATA.ROOT", str(empty), "DATA.WORKERS", "0", "LOG.PROGRESS", "False", "OUTPUT_DIR", str(tmp_path / "x")], capsys)
+    assert code == 2, output[-3000:]
+    assert f"DATA.DATASET 'fashion_mnist', DATA.ROOT '{empty}': root {empty} holds no Fashion-MNIST files" in output

@@ -1,5 +1,7 @@
 """The shared YAML config system: defaults in code, _BASE_ inheritance, KEY VALUE overrides, strict checks."""
+import importlib
 import os
+import re
 
 import pytest
 import yaml
@@ -122,3 +124,114 @@ def test_print_config_lists_every_key_with_its_default(capsys):
     assert printed == get_default_config().to_dict()
     assert main(["SOLVER.EPOCHS", "3", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["SOLVER"]["EPOCHS"] == 3
+
+
+# ------------------------------------------------------------------ value ranges (issue 13)
+def _ranged():
+    from mabn.engine.config import in_range, non_negative, positive
+
+    return CfgNode({
+        "SOLVER": {"BASE_LR": non_negative(0.1), "EPOCHS": positive(120), "MOMENTUM": in_range(0.9, 0.0, 1.0),
+                   "WARMUP_FACTOR": in_range(0.1, 0.0, 1.0, low_open=True), "MAX_STEPS": positive(None, kind=int),
+                   "GAMMA": 0.1, "AMP": one_of("off", "bf16", "fp16")},
+    })
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["SOLVER.BASE_LR", "-0.1"], r"'SOLVER.BASE_LR' in the command line must be a finite number >= 0, got -0.1"),
+        (["SOLVER.BASE_LR", "nan"], r"'SOLVER.BASE_LR' in the command line must be a finite number >= 0, got 'nan'"),
+        (["SOLVER.BASE_LR", ".inf"], r"'SOLVER.BASE_LR' in the command line must be a finite number >= 0, got inf"),
+        (["SOLVER.EPOCHS", "0"], r"'SOLVER.EPOCHS' in the command line must be an integer > 0, got 0"),
+        (["SOLVER.EPOCHS", "1.5"], r"'SOLVER.EPOCHS' in the command line expects an integer, got 1.5"),
+        (["SOLVER.MOMENTUM", "3.0"], r"'SOLVER.MOMENTUM' in the command line must be a finite number in \[0.0, 1.0\], got 3.0"),
+        (["SOLVER.WARMUP_FACTOR", "0"], r"'SOLVER.WARMUP_FACTOR' in the command line must be a finite number in \(0.0, 1.0\], got 0"),
+        (["SOLVER.MAX_STEPS", "-5"], r"'SOLVER.MAX_STEPS' in the command line must be an integer > 0 \(or null\), got -5"),
+        # a float leaf without a declared range still refuses what no config means
+        (["SOLVER.GAMMA", "-.inf"], r"'SOLVER.GAMMA' in the command line expects a finite number, got -inf"),
+    ],
+)
+def test_values_out_of_range_name_the_key_and_the_range(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_ranged(), None, overrides)
+
+
+def test_values_in_range_and_their_ends_are_accepted(tmp_path):
+    cfg = load_config(_ranged(), None, ["SOLVER.BASE_LR", "0", "SOLVER.MOMENTUM", "1", "SOLVER.WARMUP_FACTOR", "1.0",
+                                        "SOLVER.MAX_STEPS", "null", "SOLVER.EPOCHS", "1"])
+    assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.MOMENTUM, cfg.SOLVER.MAX_STEPS, cfg.SOLVER.EPOCHS) == (0.0, 1.0, None, 1)
+    assert isinstance(cfg.SOLVER.MOMENTUM, float)
+    row = _write(tmp_path / "row.yaml", {"SOLVER": {"MOMENTUM": 1.5}})
+    with pytest.raises(ConfigError, match=r"'SOLVER.MOMENTUM' in .*row.yaml must be a finite number in \[0.0, 1.0\], got 1.5"):
+        load_config(_ranged(), row)
+
+
+def test_a_range_whose_default_is_outside_it_is_a_programming_error():
+    from mabn.engine.config import in_range, positive
+
+    with pytest.raises(ValueError, match=r"default 0 is not an integer > 0"):
+        positive(0)
+    with pytest.raises(TypeError, match="in_range is for int and float leaves"):
+        in_range("a", 0, 1)
+
+
+def test_a_choice_that_yaml_reads_as_a_boolean_is_that_choice(tmp_path):
+    """`SOLVER.AMP off` on the command line (and `AMP: off` in a file) is YAML's False: it means the choice 'off'.
+    The boolean itself is what comes back, so YAML's other spellings of False mean 'off' too; True matches no choice."""
+    for word in ("off", "false", "no"):
+        assert load_config(_ranged(), None, ["SOLVER.AMP", "fp16", "SOLVER.AMP", word]).SOLVER.AMP == "off"
+    row = tmp_path / "amp.yaml"
+    row.write_text("SOLVER:\n  AMP: off\n")
+    assert load_config(_ranged(), str(row)).SOLVER.AMP == "off"
+    with pytest.raises(ConfigError, match=r"'SOLVER.AMP' in the command line: True is not one of \['off', 'bf16', 'fp16'\]"):
+        load_config(_ranged(), None, ["SOLVER.AMP", "on"])
+
+
+@pytest.mark.parametrize("trainer", ["cls", "det"])
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [
+        ("SOLVER.BASE_LR", "-0.1", "a finite number >= 0"),
+        ("SOLVER.BASE_LR", "nan", "a finite number >= 0"),
+        ("SOLVER.MOMENTUM", "3.0", r"a finite number in \[0.0, 1.0\]"),
+        ("SOLVER.WEIGHT_DECAY", "-1e-4", "a finite number >= 0"),
+        ("SOLVER.NORM_WEIGHT_DECAY", "-1", r"a finite number >= 0 \(or null\)"),
+        ("SOLVER.REFERENCE_BATCH", "0", "an integer > 0"),
+        ("DATA.WORKERS", "-1", "an integer >= 0"),
+        ("TEST.MAX_IMAGES", "-1", "an integer >= 0"),
+        ("DIST.TIMEOUT_MINUTES", "0", "a finite number > 0"),
+        ("LOG.PERIOD", "0", "an integer > 0"),
+    ],
+)
+def test_both_trainers_refuse_values_out_of_range(trainer, key, value, allowed):
+    defaults = importlib.import_module(f"{trainer}.config").get_default_config()
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}' in the command line must be {allowed}, got"):
+        load_config(defaults, None, [key, value])
+    assert load_config(defaults, None, ["SOLVER.AMP", "off"]).SOLVER.AMP == "off"
+
+
+@pytest.mark.parametrize(
+    "trainer,key,value,allowed",
+    [
+        ("cls", "SOLVER.EPOCHS", "0", "an integer > 0"),
+        ("cls", "SOLVER.MAX_STEPS", "0", r"an integer > 0 \(or null\)"),
+        ("cls", "DATA.BATCH_SIZE", "0", "an integer > 0"),
+        ("cls", "TEST.BATCH_SIZE", "0", "an integer > 0"),
+        ("cls", "TEST.EVAL_PERIOD", "0", "an integer > 0"),
+        ("cls", "MODEL.NORM_BATCH_SIZE", "-2", r"an integer > 0 \(or null\)"),
+        ("cls", "SOLVER.LABEL_SMOOTHING", "1.5", r"a finite number in \[0.0, 1.0\]"),
+        ("cls", "SOLVER.WARMUP_FACTOR", "0", r"a finite number in \(0.0, 1.0\]"),
+        ("det", "SOLVER.MAX_ITER", "0", "an integer > 0"),
+        ("det", "SOLVER.IMS_PER_GPU", "0", "an integer > 0"),
+        ("det", "TEST.IMS_PER_GPU", "0", "an integer > 0"),
+        ("det", "MODEL.TRAINABLE_BACKBONE_LAYERS", "6", r"an integer in \[0, 5\]"),
+        ("det", "MODEL.NUM_CLASSES", "1", r"an integer >= 2 \(or null\)"),
+        ("det", "MODEL.RPN.NMS_THRESH", "1.5", r"a finite number in \[0.0, 1.0\]"),
+        ("det", "MODEL.ROI_HEADS.DETECTIONS_PER_IMG", "0", "an integer > 0"),
+    ],
+)
+def test_trainer_specific_ranges(trainer, key, value, allowed):
+    defaults = importlib.import_module(f"{trainer}.config").get_default_config()
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}' in the command line must be {allowed}, got"):
+        load_config(defaults, None, [key, value])

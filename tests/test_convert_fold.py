@@ -3,6 +3,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -288,3 +289,18 @@ def test_plot_script_draws_two_runs(tmp_path):
     assert out.stat().st_size > 10_000
     missing = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_batch_stats.py"), str(tmp_path / "absent")], capture_output=True, text=True)
     assert missing.returncode != 0 and "run directory not found" in missing.stderr
+
+
+def test_convert_model_with_nothing_to_convert_says_so():
+    """Not a silent no-op (issue 13): a model converted already, a norm type it does not know, a filter accepting nothing."""
+    model = convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), norm="mabn")
+    with pytest.warns(UserWarning, match=r"convert_model: nothing to convert in this Sequential: no 2d batch norms to turn "
+                                         r"into 'mabn'; the model is returned unchanged"):
+        assert convert_model(model, norm="mabn") is model
+    with pytest.warns(UserWarning, match="no 2d batch norms to turn into 'gn' or nn.Conv2d layers accepted by conv_filter"):
+        convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm(4)), norm="gn", conv="cen", conv_filter=lambda name, conv: False)
+    with pytest.warns(UserWarning, match=r"nothing was asked for \(norm=None, conv=None\)"):
+        convert_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), conv="cen")  # a conv replaced: no warning

@@ -272,6 +272,21 @@ def test_config_errors(shapes, tmp_path, capsys, overrides, message):
     assert code == 2 and message in output, output
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["SOLVER.BASE_LR", "nan"], "config key 'SOLVER.BASE_LR' in the command line must be a finite number >= 0, got 'nan'"),
+        (["TEST.IMS_PER_GPU", "0"], "config key 'TEST.IMS_PER_GPU' in the command line must be an integer > 0, got 0"),
+        (["SOLVER.MAX_ITER", "0"], "config key 'SOLVER.MAX_ITER' in the command line must be an integer > 0, got 0"),
+        (["MODEL.NORM", "brn", "MODEL.NORM_OPTIONS", "{momentum: 3.0}"], "BatchRenorm2d: momentum must be in (0, 1], got 3.0"),
+    ],
+)
+def test_values_out_of_range_are_config_errors(shapes, tmp_path, capsys, overrides, message):
+    """Refused with the key and the range (issue 13), not trained to NaN or failed in torch with a traceback."""
+    code, output = call(tiny_args("base.yaml", shapes, tmp_path / "x", *overrides), capsys)
+    assert code == 2 and message in output and "Traceback" not in output, output
+
+
 def test_missing_data_files_are_named(shapes, tmp_path, capsys):
     missing = tmp_path / "nowhere.json"
     code, output = call(tiny_args("base.yaml", shapes, tmp_path / "x", "DATA.VAL_ANNOTATIONS", str(missing)), capsys)

@@ -90,11 +90,32 @@ def test_authors_constructor():
         (dict(norm_batch_size=0), "norm_batch_size must be a positive integer"),
         (dict(buffer_size=0), "buffer_size must be a positive integer"),
         (dict(r_max=0.5), "r_max must be at least 1"),
+        (dict(momentum=float("nan")), r"momentum \(EMA keep-rate\) must be in \[0, 1\], got nan"),
+        (dict(eps=float("nan")), "eps must be positive, got nan"),
+        (dict(r_max=float("nan")), "r_max must be at least 1, got nan"),
     ],
 )
 def test_mabn_constructor_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MABN2d(8, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,message",
+    [
+        ("bn", dict(momentum=3.0), r"BatchNorm2d: momentum \(update rate of the running statistics\) must be in \[0, 1\] or None, got 3.0"),
+        ("bn", dict(momentum=-0.1), r"must be in \[0, 1\] or None, got -0.1"),
+        ("bn", dict(eps=0.0), "BatchNorm2d: eps must be positive, got 0.0"),
+        ("syncbn", dict(momentum=float("nan")), r"SyncBatchNorm: momentum .* must be in \[0, 1\] or None, got nan"),
+        ("brn", dict(momentum=3.0), r"BatchRenorm2d: momentum must be in \(0, 1\], got 3.0"),
+        ("brn", dict(r_max=float("nan")), "BatchRenorm2d: need r_max >= 1, d_max >= 0 and eps > 0, got r_max=nan"),
+    ],
+)
+def test_batch_norm_option_ranges(name, kwargs, message):
+    """nn.BatchNorm2d takes any momentum; 3.0 trains to NaN (issue 13)."""
+    with pytest.raises(ValueError, match=message):
+        build_norm(name, 8, **kwargs)
+    build_norm(name, 8, momentum=None if name != "brn" else 1.0)  # the ends of the range are fine
 
 
 @pytest.mark.parametrize(

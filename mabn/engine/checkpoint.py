@@ -180,7 +180,11 @@ def load_training_checkpoint(path: str, rank: int, world_size: int, model: nn.Mo
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (missing {missing}); use MODEL.WEIGHTS to start from weights")
     own = own_rank_state(state, rank, world_size)
-    model.load_state_dict({**state["model"], **(own["buffers"] if own else {})})
+    try:
+        model.load_state_dict({**state["model"], **(own["buffers"] if own else {})})
+    except RuntimeError as e:  # missing / unexpected keys or other shapes: a model of another config
+        raise CheckpointError(f"{path} does not fit this model: it was written by a run with another model (MODEL.NORM, "
+                              f"its options, the architecture or the classes differ):\n{e}") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

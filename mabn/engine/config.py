@@ -1,15 +1,19 @@
 """The configuration system both trainers share, in the spirit of detectron2's.
 
 * Defaults live in code (``cls/config.py``, ``det/config.py``) as a :class:`CfgNode` tree; every leaf
-  has a type, taken from its default value or declared with :func:`optional` / :func:`one_of`.
+  has a type, taken from its default value or declared with :func:`optional` / :func:`one_of`, and may be
+  restricted to a range of values with :func:`in_range` / :func:`positive` / :func:`non_negative`.
+  Numbers must be finite (a NaN or an infinity is refused wherever it is given).
 * A YAML file may inherit another with ``_BASE_: relative/path.yaml`` and only states what differs.
 * Trailing ``KEY VALUE`` pairs on the command line override both: ``SOLVER.BASE_LR 0.05 OUTPUT_DIR runs/x``.
-* Unknown keys and wrongly typed values are rejected with the key's name and the closest valid key.
+* Unknown keys, wrongly typed values and values out of range are rejected with the key's name and the
+  closest valid key or the allowed range, before any work starts.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from typing import Any, Iterable, Optional
 
@@ -37,9 +41,53 @@ def optional(kind: type, default=None) -> _Optional:
     return _Optional(kind, default)
 
 
+class _Range:
+    def __init__(self, kind: type, default, low, high, low_open: bool, high_open: bool, allow_none: bool):
+        self.kind, self.default, self.allow_none = kind, default, allow_none
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def describe(self) -> str:
+        kind = "an integer" if self.kind is int else "a finite number"
+        if self.high is None:
+            bound = f"> {self.low}" if self.low_open else f">= {self.low}"
+        elif self.low is None:
+            bound = f"< {self.high}" if self.high_open else f"<= {self.high}"
+        else:
+            bound = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        return f"{kind} {bound}" + (" (or null)" if self.allow_none else "")
+
+    def contains(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+
 def one_of(default, *choices) -> _OneOf:
     """A leaf restricted to ``choices`` (``default`` must be one of them)."""
     return _OneOf(default, (default,) + tuple(c for c in choices if c != default))
+
+
+def in_range(default, low=None, high=None, *, low_open: bool = False, high_open: bool = False,
+             kind: Optional[type] = None) -> _Range:
+    """A number in ``[low, high]`` (``low_open`` / ``high_open``: that end excluded; None: unbounded), of the type of
+    ``default`` (or ``kind``: give it for a ``None`` default, which makes the leaf optional)."""
+    kind = kind or type(default)
+    if kind not in (int, float):
+        raise TypeError(f"in_range is for int and float leaves, got {kind.__name__}")
+    spec = _Range(kind, default, low, high, low_open, high_open, allow_none=default is None)
+    if default is not None and not spec.contains(default):
+        raise ValueError(f"default {default!r} is not {spec.describe()}")
+    return spec
+
+
+def positive(default, *, kind: Optional[type] = None) -> _Range:
+    """A number > 0 (an optional one with ``default=None, kind=int``)."""
+    return in_range(default, 0, low_open=True, kind=kind)
+
+
+def non_negative(default, *, kind: Optional[type] = None) -> _Range:
+    """A number >= 0."""
+    return in_range(default, 0, kind=kind)
 
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
@@ -76,7 +124,7 @@ class CfgNode(dict):
         elif isinstance(value, _Optional):
             self._specs[key] = value
             dict.__setitem__(self, key, value.default)
-        elif isinstance(value, _OneOf):
+        elif isinstance(value, (_OneOf, _Range)):
             self._specs[key] = value
             dict.__setitem__(self, key, value.default)
         else:
@@ -155,6 +203,7 @@ class CfgNode(dict):
         full = self._child_path(key)
         spec = self._specs.get(key)
         if isinstance(spec, _OneOf):
+            value = _choice_read_back(value, spec.choices)
             if value not in spec.choices:
                 close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -162,6 +211,13 @@ class CfgNode(dict):
             return value
         if isinstance(spec, _Optional):
             return None if value is None else _coerce(full, spec.kind, value, source)
+        if isinstance(spec, _Range):
+            if value is None and spec.allow_none:
+                return None
+            number = _coerce_type(full, spec.kind, value, source)
+            if not (math.isfinite(number) and spec.contains(number)):
+                raise ConfigError(f"config key {full!r} in {source} must be {spec.describe()}, got {value!r}")
+            return number
         if current is None:  # an untyped leaf: anything YAML can express
             return value
         return _coerce(full, type(current), value, source, example=current)
@@ -225,7 +281,23 @@ def _parse_scalar(raw: str):
         return raw
 
 
+def _choice_read_back(value, choices: tuple):
+    """YAML reads some words as booleans (``off``, ``no``, ``on``): a choice spelled so is that string again."""
+    if isinstance(value, bool) and value not in choices:
+        for choice in choices:
+            if isinstance(choice, str) and yaml.safe_load(choice) is value:
+                return choice
+    return value
+
+
 def _coerce(full: str, kind: type, value, source: str, example=None):
+    number = _coerce_type(full, kind, value, source, example)
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ConfigError(f"config key {full!r} in {source} expects a finite number, got {value!r}")
+    return number
+
+
+def _coerce_type(full: str, kind: type, value, source: str, example=None):
     if kind is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
         try:
             return float(value)

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import BatchStatistics, check_norm_batch_size, num_groups, train_step
+from .functional import BatchStatistics, check_batch_norm_options, check_norm_batch_size, num_groups, train_step
 from .fused import check_backend, select
+from .nonfinite import SkipWarning, register_counter
 
 class BatchNorm2d(nn.BatchNorm2d):
     def __init__(
@@ -32,10 +33,14 @@ class BatchNorm2d(nn.BatchNorm2d):
     ):
         """``backend`` implements the grouped mode (see :mod:`mabn.layers.fused`); without groups this is
         ``nn.BatchNorm2d``'s own kernel."""
+        name = type(self).__name__
+        check_batch_norm_options(name, eps, momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        check_norm_batch_size(type(self).__name__, norm_batch_size)
+        check_norm_batch_size(name, norm_batch_size)
         self.norm_batch_size = norm_batch_size
-        self.backend = check_backend(backend, type(self).__name__)
+        self.backend = check_backend(backend, name)
+        register_counter(self, device)
+        self._skip_warning = SkipWarning()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.shape[0] == 0:  # e.g. a head that received no RoI: leave every buffer alone
@@ -45,10 +50,12 @@ class BatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(x)
         groups = num_groups(type(self).__name__, x.shape[0], self.norm_batch_size)
         state = BatchStatistics.State(
-            running_mean=self.running_mean, running_var=self.running_var, num_batches_tracked=self.num_batches_tracked
+            running_mean=self.running_mean, running_var=self.running_var, num_batches_tracked=self.num_batches_tracked,
+            num_nonfinite_skipped=self.num_nonfinite_skipped,
         )
         config = BatchStatistics.Config(eps=self.eps, momentum=self.momentum)
         y, _ = train_step(x, self.weight, self.bias, select(self.backend, x.device), BatchStatistics, state, config, groups)
+        self._skip_warning.after_training_forward(self, f"{type(self).__name__}({self.num_features}, norm_batch_size={self.norm_batch_size})")
         return y
 
     def extra_repr(self) -> str:

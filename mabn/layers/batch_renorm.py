@@ -17,6 +17,7 @@ from torch import nn
 
 from .functional import RenormStatistics, check_norm_batch_size, num_groups, train_step
 from .fused import check_backend, select
+from .nonfinite import SkipWarning, register_counter
 
 
 class BatchRenorm2d(nn.Module):
@@ -43,8 +44,8 @@ class BatchRenorm2d(nn.Module):
         name = type(self).__name__
         check_norm_batch_size(name, norm_batch_size)
         self.backend = check_backend(backend, name)
-        if r_max < 1 or d_max < 0:
-            raise ValueError(f"{name}: need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+        if not (r_max >= 1 and d_max >= 0 and eps > 0):
+            raise ValueError(f"{name}: need r_max >= 1, d_max >= 0 and eps > 0, got r_max={r_max}, d_max={d_max}, eps={eps}")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"{name}: momentum must be in (0, 1], got {momentum}")
         factory = {"device": device, "dtype": dtype}
@@ -65,6 +66,8 @@ class BatchRenorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         # Training steps (forward calls), which drive the r_max / d_max schedule.
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+        register_counter(self, device)
+        self._skip_warning = SkipWarning()
 
     def _config(self) -> RenormStatistics.Config:
         return RenormStatistics.Config(
@@ -84,9 +87,11 @@ class BatchRenorm2d(nn.Module):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         groups = num_groups(name, x.shape[0], self.norm_batch_size)
         state = RenormStatistics.State(
-            running_mean=self.running_mean, running_var=self.running_var, num_batches_tracked=self.num_batches_tracked
+            running_mean=self.running_mean, running_var=self.running_var, num_batches_tracked=self.num_batches_tracked,
+            num_nonfinite_skipped=self.num_nonfinite_skipped,
         )
         y, _ = train_step(x, self.weight, self.bias, select(self.backend, x.device), RenormStatistics, state, self._config(), groups)
+        self._skip_warning.after_training_forward(self, f"{name}({self.num_features})")
         return y
 
     def extra_repr(self) -> str:

@@ -53,6 +53,14 @@ def check_norm_batch_size(layer: str, norm_batch_size: Optional[int]) -> None:
         raise ValueError(f"{layer}: norm_batch_size must be a positive integer or None, got {norm_batch_size!r}")
 
 
+def check_batch_norm_options(layer: str, eps: float, momentum: Optional[float]) -> None:
+    """``nn.BatchNorm2d`` takes any number; a momentum outside [0, 1] makes the running statistics diverge."""
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{layer}: momentum (update rate of the running statistics) must be in [0, 1] or None, got {momentum}")
+    if not eps > 0:
+        raise ValueError(f"{layer}: eps must be positive, got {eps}")
+
+
 def split_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     """``(N, C, *S)`` -> ``(G, N // G, C, *S)``, a view for any memory format (channels_last included)."""
     return x.unflatten(0, (groups, x.shape[0] // groups))
@@ -141,18 +149,49 @@ def group_moments(x: torch.Tensor, groups: int, centered: bool, dtype: torch.dty
     return mean, (centered_x * centered_x).mean(dims)
 
 
+# Non-finite statistics (an fp16 overflow, a NaN in an input) never enter a layer's state: every estimator
+# below keeps them out of its windows and averages, per normalization batch and channel, as if that batch had
+# not been seen, and counts them. The plain formulas are computed as well and chosen whenever every value is
+# kept, so that finite inputs keep their numbers bit for bit.
+def finite_statistics(*stats: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(G, C)`` bool: which normalization batches' statistics (all of those given) are finite."""
+    kept = None
+    for stat in stats:
+        if stat is not None:
+            kept = torch.isfinite(stat) if kept is None else kept & torch.isfinite(stat)
+    return kept
+
+
+def _unless_skipped(kept: torch.Tensor, plain: torch.Tensor, skipping: torch.Tensor) -> torch.Tensor:
+    return torch.where(kept.all(), plain, skipping)
+
+
+def _count_skipped(counter: Optional[torch.Tensor], kept: torch.Tensor) -> None:
+    if counter is not None:
+        counter.add_((~kept).sum())
+
+
 # Simple moving average (section 4): the mean of the last m normalization batches, vectorized over the G
 # groups of a device batch (no Python loop, no host synchronization).
-def sliding_window_mean(window: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sliding_window_mean(window: torch.Tensor, values: torch.Tensor, kept: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``window``: ``(m, C)``, the ``m`` most recent earlier values, oldest first; ``values``: ``(G, C)``, this
     step's groups in order. Returns ``(means, new_window)``: ``means[j]`` is the mean of the ``m`` most recent
     values once group ``j`` has been pushed (group ``j`` included), ``new_window`` the ``m`` most recent values
-    after all groups."""
+    after all groups. ``kept`` (``(G, C)`` bool): values where it is False are never pushed (``means[j]`` of
+    such a group is the mean as the latest kept value before it left it)."""
     m = window.shape[0]
     history = torch.cat([window, values.to(window.dtype)], dim=0)  # (m + G, C), oldest first
     # unfold gives the m+G-m+1 windows of length m; window j+1 ends with group j.
-    means = history.unfold(0, m, 1)[1:].mean(dim=-1)
-    return means, history[-m:]
+    means, new_window = history.unfold(0, m, 1)[1:].mean(dim=-1), history[-m:]
+    if kept is None:
+        return means, new_window
+    # A stable sort moves the values not kept to the front and leaves the kept history in order behind them;
+    # the window that ends at the latest kept value up to group j then starts at dropped + kept_through_j.
+    pushed = torch.cat([torch.ones_like(window, dtype=torch.bool), kept], dim=0)
+    compact = history.gather(0, torch.sort(pushed.to(torch.uint8), dim=0, stable=True).indices)
+    compact_means = compact.unfold(0, m, 1).mean(dim=-1)  # (G + 1, C): row i = mean(compact[i : i + m])
+    starts = (~kept).sum(0, keepdim=True) + kept.cumsum(0)
+    return _unless_skipped(kept, means, compact_means.gather(0, starts)), _unless_skipped(kept, new_window, compact[-m:])
 
 
 def _sma_in_use(step: torch.Tensor, norm_batches_before: torch.Tensor, groups: int, cfg) -> torch.Tensor:
@@ -165,8 +204,8 @@ def _sma_in_use(step: torch.Tensor, norm_batches_before: torch.Tensor, groups: i
     return use_sma.expand(groups)
 
 
-def _forward_average(window: torch.Tensor, values: torch.Tensor, use_sma: torch.Tensor, enabled: bool) -> torch.Tensor:
-    means, new_window = sliding_window_mean(window, values)
+def _forward_average(window: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, use_sma: torch.Tensor, enabled: bool) -> torch.Tensor:
+    means, new_window = sliding_window_mean(window, values, kept)
     window.copy_(new_window)
     if not enabled:  # ablation: the batch statistic, though the window keeps sliding
         return values
@@ -174,36 +213,53 @@ def _forward_average(window: torch.Tensor, values: torch.Tensor, use_sma: torch.
 
 
 # Exponential moving average (section 4): the inference statistic nu.
-def sequential_ema(average: torch.Tensor, values: torch.Tensor, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sequential_ema(average: torch.Tensor, values: torch.Tensor, momentum: float,
+                   kept: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``a <- momentum * a + (1 - momentum) * v``, applied once per group.
 
     ``average``: ``(C,)`` before the first group; ``values``: ``(G, C)``. Returns ``(before, after)``:
     ``before[j]`` is the average that group ``j`` sees (after groups ``0..j-1``), ``after`` the average once
     every group has been folded in. The recurrence is unrolled into a ``(G, G)`` lower-triangular weight
-    matrix so that it is one matmul, not a loop.
+    matrix so that it is one matmul, not a loop. ``kept`` (``(G, C)`` bool): groups where it is False leave
+    the average as it is.
     """
     groups = values.shape[0]
     dtype, device = average.dtype, average.device
     j = torch.arange(groups + 1, device=device, dtype=dtype)
     k = torch.arange(groups, device=device, dtype=dtype)
     lag = j[:, None] - 1 - k[None, :]  # row j: groups k < j contribute momentum**(j-1-k)
-    weights = torch.where(lag >= 0, (1 - momentum) * momentum ** lag.clamp(min=0), torch.zeros((), dtype=dtype, device=device))
+    zero = torch.zeros((), dtype=dtype, device=device)
+    weights = torch.where(lag >= 0, (1 - momentum) * momentum ** lag.clamp(min=0), zero)
     averages = (momentum ** j)[:, None] * average[None, :] + weights @ values.to(dtype)  # (G + 1, C)
+    if kept is not None:
+        # per channel, a group's weight decays only over the kept groups after it: lag counts kept groups
+        kept_before = torch.cat([torch.zeros_like(kept[:1], dtype=dtype), kept.cumsum(0).to(dtype)])  # (G + 1, C)
+        kept_lag = kept_before[:, None, :] - kept_before[None, 1:, :]  # (G + 1, G, C): kept groups in k+1 .. j-1
+        kept_weights = torch.where((lag >= 0)[:, :, None] & kept[None], (1 - momentum) * momentum ** kept_lag.clamp(min=0), zero)
+        kept_values = torch.where(kept, values.to(dtype), zero)
+        skipping = momentum ** kept_before * average[None, :] + (kept_weights * kept_values[None]).sum(1)
+        averages = _unless_skipped(kept, averages, skipping)
     return averages[:-1], averages[-1]
 
 
-def _inference_ema(average: torch.Tensor, values: torch.Tensor, step: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def _inference_ema(average: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, step: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """``(the EMA each group's r is computed from, the EMA after this step)`` (section 7)."""
     if cfg.warmup == "formal":
-        return sequential_ema(average, values, cfg.momentum)
+        return sequential_ema(average, values, cfg.momentum, kept)
     # classification release: once per step, seeded at step 1; every group sees the previous step's
     step_mean = values.mean(0)
     seeded = torch.where(step == 1, step_mean, average)
-    return average.expand_as(values), cfg.momentum * seeded + (1 - cfg.momentum) * step_mean
+    after = cfg.momentum * seeded + (1 - cfg.momentum) * step_mean
+    # the mean of the kept groups only; a channel without any keeps its average
+    count = kept.sum(0)
+    kept_mean = torch.where(kept, values, torch.zeros_like(values)).sum(0) / count.clamp(min=1)
+    kept_seeded = torch.where(step == 1, kept_mean, average)
+    kept_after = torch.where(count > 0, cfg.momentum * kept_seeded + (1 - cfg.momentum) * kept_mean, average)
+    return average.expand_as(values), _unless_skipped(kept, after, kept_after)
 
 
-def _backward_average(window: torch.Tensor, values: torch.Tensor, use_sma: torch.Tensor) -> torch.Tensor:
-    means, new_window = sliding_window_mean(window, values)
+def _backward_average(window: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, use_sma: torch.Tensor) -> torch.Tensor:
+    means, new_window = sliding_window_mean(window, values, kept)
     window.copy_(new_window)
     return torch.where(use_sma[:, None], means.to(values.dtype), values)
 
@@ -221,6 +277,7 @@ class MovingAverageStatistics:
         window_mean: Optional[torch.Tensor]
         window_psi: torch.Tensor  # backward window
         window_grad_mean: Optional[torch.Tensor]
+        num_nonfinite_skipped: Optional[torch.Tensor] = None  # statistics kept out of the windows and the EMA
 
     class Config(NamedTuple):
         eps: float
@@ -247,14 +304,19 @@ class MovingAverageStatistics:
 
         # SMA of the forward statistic: each group is pushed into the window, then (after the warm-up) averaged
         var_t = var_t.to(state.running_var.dtype)
-        var_bar = _forward_average(state.window_var, var_t, use_sma, cfg.forward_sma)
+        mean_t = None if mean_t is None else mean_t.to(state.running_var.dtype)
+        kept = finite_statistics(var_t, mean_t)
+        var_bar = _forward_average(state.window_var, var_t, kept, use_sma, cfg.forward_sma)
         mean_bar = None
         if mean_t is not None:
-            mean_bar = _forward_average(state.window_mean, mean_t.to(state.running_var.dtype), use_sma, cfg.forward_sma)
+            mean_bar = _forward_average(state.window_mean, mean_t, kept, use_sma, cfg.forward_sma)
         std = (var_bar + cfg.eps).sqrt()
+        # without the SMA (warm-up, ablation) a group normalizes with its own statistic, which the EMA must not see
+        ema_kept = kept & finite_statistics(var_bar, mean_bar)
+        _count_skipped(state.num_nonfinite_skipped, kept)
 
         # renormalization: r = std / sqrt(nu + eps) against the EMA that group sees, clipped, 1 while warming up
-        var_seen, var_after = _inference_ema(state.running_var, var_bar, step, cfg)
+        var_seen, var_after = _inference_ema(state.running_var, var_bar, ema_kept, step, cfg)
         r = None
         if cfg.renorm:
             r = (std / (var_seen + cfg.eps).sqrt()).clamp(1.0 / cfg.r_max, cfg.r_max)
@@ -263,7 +325,7 @@ class MovingAverageStatistics:
         # EMA for inference
         state.running_var.copy_(var_after)
         if mean_bar is not None:
-            state.running_mean.copy_(_inference_ema(state.running_mean, mean_bar, step, cfg)[1])
+            state.running_mean.copy_(_inference_ema(state.running_mean, mean_bar, ema_kept, step, cfg)[1])
         state.num_steps.copy_(step)
         state.num_norm_batches.add_(groups)
         return Plan(mean_bar, std, r, None, use_sma if cfg.backward_sma else torch.zeros_like(use_sma))
@@ -271,8 +333,10 @@ class MovingAverageStatistics:
     @staticmethod
     def backward(grad_mean, psi, plan: Plan, state: "MovingAverageStatistics.State", cfg):
         # SMA of the backward statistic(s), under the warm-up rule of the forward pass of the same step
-        psi_bar = _backward_average(state.window_psi, psi, plan.backward_sma)
-        grad_bar = None if grad_mean is None else _backward_average(state.window_grad_mean, grad_mean, plan.backward_sma)
+        kept = finite_statistics(psi, grad_mean)
+        _count_skipped(state.num_nonfinite_skipped, kept)
+        psi_bar = _backward_average(state.window_psi, psi, kept, plan.backward_sma)
+        grad_bar = None if grad_mean is None else _backward_average(state.window_grad_mean, grad_mean, kept, plan.backward_sma)
         return grad_bar, psi_bar
 
 
@@ -285,6 +349,7 @@ class BatchStatistics:
         running_mean: Optional[torch.Tensor]
         running_var: Optional[torch.Tensor]
         num_batches_tracked: Optional[torch.Tensor]
+        num_nonfinite_skipped: Optional[torch.Tensor] = None  # statistics kept out of the running averages
 
     class Config(NamedTuple):
         eps: float
@@ -299,13 +364,21 @@ class BatchStatistics:
         if state.running_mean is not None:
             groups = mean.shape[0]
             unbiased = var * (count / max(count - 1, 1))
+            kept = finite_statistics(mean, var)
+            _count_skipped(state.num_nonfinite_skipped, kept)
             if cfg.momentum is None:
                 seen = state.num_batches_tracked.to(state.running_mean.dtype)
-                state.running_mean.copy_((state.running_mean * seen + mean.sum(0)) / (seen + groups))
-                state.running_var.copy_((state.running_var * seen + unbiased.sum(0)) / (seen + groups))
+                for average, values in ((state.running_mean, mean), (state.running_var, unbiased)):
+                    plain = (average * seen + values.sum(0)) / (seen + groups)
+                    # a channel's skipped groups are left out of its sum and its count (in this step only:
+                    # num_batches_tracked counts every group)
+                    total = seen + kept.sum(0)
+                    kept_sum = torch.where(kept, values, torch.zeros_like(values)).sum(0)
+                    skipping = torch.where(total > 0, (average * seen + kept_sum) / total.clamp(min=1), average)
+                    average.copy_(_unless_skipped(kept, plain, skipping))
             else:
-                state.running_mean.copy_(sequential_ema(state.running_mean, mean, 1 - cfg.momentum)[1])
-                state.running_var.copy_(sequential_ema(state.running_var, unbiased, 1 - cfg.momentum)[1])
+                state.running_mean.copy_(sequential_ema(state.running_mean, mean, 1 - cfg.momentum, kept)[1])
+                state.running_var.copy_(sequential_ema(state.running_var, unbiased, 1 - cfg.momentum, kept)[1])
             state.num_batches_tracked.add_(groups)
         return Plan(mean, (var + cfg.eps).sqrt())
 
@@ -328,6 +401,7 @@ class RenormStatistics:
         running_mean: torch.Tensor
         running_var: torch.Tensor
         num_batches_tracked: torch.Tensor
+        num_nonfinite_skipped: Optional[torch.Tensor] = None  # statistics kept out of the running averages
 
     class Config(NamedTuple):
         eps: float
@@ -354,8 +428,10 @@ class RenormStatistics:
         std = (var + cfg.eps).sqrt()
         step = state.num_batches_tracked + 1
         keep = 1.0 - cfg.momentum
-        mean_seen, mean_after = sequential_ema(state.running_mean, mean, keep)
-        var_seen, var_after = sequential_ema(state.running_var, var, keep)
+        kept = finite_statistics(mean, var)
+        _count_skipped(state.num_nonfinite_skipped, kept)
+        mean_seen, mean_after = sequential_ema(state.running_mean, mean, keep, kept)
+        var_seen, var_after = sequential_ema(state.running_var, var, keep, kept)
         sigma = (var_seen.to(std.dtype) + cfg.eps).sqrt()
         r_lim, d_lim = (v.to(std.dtype) for v in RenormStatistics.limits(step, cfg))
         r = torch.minimum(torch.maximum(std / sigma, 1.0 / r_lim), r_lim)

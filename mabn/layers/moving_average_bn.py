@@ -31,6 +31,7 @@ from torch import nn
 
 from .functional import MovingAverageStatistics, Plan, check_norm_batch_size, num_groups, train_step
 from .fused import check_backend, select
+from .nonfinite import SkipWarning, register_counter
 
 WARMUPS = ("formal", "classification")
 
@@ -136,9 +137,9 @@ class MovingAverageBatchNorm(nn.Module):
         check_norm_batch_size(name, norm_batch_size)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"{name}: momentum (EMA keep-rate) must be in [0, 1], got {momentum}")
-        if eps <= 0:
+        if not eps > 0:
             raise ValueError(f"{name}: eps must be positive, got {eps}")
-        if r_max < 1:
+        if not r_max >= 1:
             raise ValueError(f"{name}: r_max must be at least 1, got {r_max}")
         if warmup_iters < 0 or renorm_warmup_iters < 0:
             raise ValueError(f"{name}: warm-up lengths must be non-negative")
@@ -177,6 +178,8 @@ class MovingAverageBatchNorm(nn.Module):
         self.register_buffer("window_mean", torch.zeros(buffer_size, num_features, **factory) if full else None)
         self.register_buffer("window_psi", torch.zeros(buffer_size, num_features, **factory))
         self.register_buffer("window_grad_mean", torch.zeros(buffer_size, num_features, **factory) if full else None)
+        register_counter(self, device)
+        self._skip_warning = SkipWarning()
 
         self._last_plan: Optional[tuple[int, Plan]] = None
         self._pending: Optional[weakref.ref] = None
@@ -210,6 +213,7 @@ class MovingAverageBatchNorm(nn.Module):
         self._last_plan = (groups, plan)
         if y.requires_grad:
             self._pending = weakref.ref(token)
+        self._skip_warning.after_training_forward(self, f"{type(self).__name__}({self.num_features})")
         return y
 
     def _state(self) -> MovingAverageStatistics.State:
@@ -217,6 +221,7 @@ class MovingAverageBatchNorm(nn.Module):
             running_var=self.running_var, running_mean=self.running_mean, num_steps=self.num_steps,
             num_norm_batches=self.num_norm_batches, window_var=self.window_var, window_mean=self.window_mean,
             window_psi=self.window_psi, window_grad_mean=self.window_grad_mean,
+            num_nonfinite_skipped=self.num_nonfinite_skipped,
         )
 
     def _config(self) -> MovingAverageStatistics.Config:
@@ -237,6 +242,9 @@ class MovingAverageBatchNorm(nn.Module):
             raise ValueError(f"{name}: expected {self._rank_help} input, got a {x.dim()}D tensor of shape {tuple(x.shape)}")
         if x.shape[1] != self.num_features:
             raise ValueError(f"{name}: expected {self.num_features} channels (dim 1), got input of shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            # nn.BatchNorm2d's error for the same input; the training step would otherwise return integers
+            raise NotImplementedError(f"{name}: expected a floating-point input, got {x.dtype}")
 
     def _check_no_pending_backward(self) -> None:
         token = self._pending() if self._pending is not None else None

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules._functions import SyncBatchNorm as _native_sync_batch_norm  # the Function behind nn.SyncBatchNorm
 
+from .functional import check_batch_norm_options
+
 
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     from torch.distributed.nn.functional import all_reduce
@@ -26,6 +28,7 @@ def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
 class SyncBatchNorm(nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        check_batch_norm_options(type(self).__name__, eps, momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
 
