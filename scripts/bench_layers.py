@@ -173,7 +173,10 @@ def print_table(device: torch.device, results: list[dict]) -> None:
 
 def fixed_costs(device: torch.device, rounds: int, calls: int = 50) -> dict[str, float]:
     """Microseconds per forward + backward on FIXED_COST_SHAPE: median over rounds of the mean of ``calls``
-    calls (one call is too short for the clock), layers taking turns round by round."""
+    calls (one call is too short for the clock), layers taking turns round by round. On the CPU the clock is
+    the process's CPU time, which the other processes of a shared machine do not inflate (run it with
+    OMP_NUM_THREADS=1: idle worker threads spinning would count); on CUDA, wall time."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     n, c, _, _ = FIXED_COST_SHAPE
     torch.manual_seed(0)
     x = torch.randn(FIXED_COST_SHAPE, device=device)
@@ -194,17 +197,18 @@ def fixed_costs(device: torch.device, rounds: int, calls: int = 50) -> dict[str,
     for _ in range(rounds):
         for name, layer in layers.items():
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(calls):
                 step(layer, x, dy)
             _sync(device)
-            times[name].append((time.perf_counter() - start) / calls)
+            times[name].append((clock() - start) / calls)
     return {name: 1e6 * statistics.median(t) for name, t in times.items()}
 
 
 def print_fixed_costs(device: torch.device, costs: dict[str, float]) -> None:
     n, c, h, w = FIXED_COST_SHAPE
-    print(f"\n## {device.type.upper()}: fixed cost per forward + backward ({n}x{c}x{h}x{w} input, median)\n")
+    clock = f"process CPU time, {torch.get_num_threads()} threads" if device.type == "cpu" else "wall time"
+    print(f"\n## {device.type.upper()}: fixed cost per forward + backward ({n}x{c}x{h}x{w} input, median, {clock})\n")
     print("| layer | us per call | minus BN's |")
     print("|---|---|---|")
     for name, us in costs.items():
