@@ -63,12 +63,15 @@ class _Graph:
         self._variants: list = []  # (guard manager, compiled bytecode as a function), most recently used first
 
     def __call__(self, *args):
-        if not torch.compiler.is_compiling() and _eval_frame_callback() is None:
+        if torch.compiler.is_compiling():  # dynamo is tracing an enclosing function: let it inline fn
+            return self._compiled(*args)
+        if _eval_frame_callback() is None:
             frame_locals = dict(zip(self._arg_names, args))
-            for i, (guards, run) in enumerate(self._variants):
+            variants = self._variants
+            for i, (guards, run) in enumerate(variants):
                 if guards.check(frame_locals):
-                    if i:
-                        self._variants.insert(0, self._variants.pop(i))
+                    if i:  # a new list, not an edit in place: layers may run in several threads (DataParallel)
+                        self._variants = [variants[i], *variants[:i], *variants[i + 1:]]
                     return run(*args)
         # Floats (eps, momentum) as constants of the graph, not inputs: dynamo would otherwise wrap each in a
         # tensor on every call. A layer's floats are fixed, so this costs one variant per distinct value.
