@@ -51,7 +51,9 @@ class _Graph:
     directly, most recently used first, and the bytecode of the first that accepts the arguments runs as
     a plain function: what dynamo would run, chosen by dynamo's own guards. Anything else (no entry
     fits, or dynamo is active around this call: tracing an enclosing model or intercepting frames) goes
-    through ``torch.compile``'s wrapper, which compiles a new variant if needed."""
+    through ``torch.compile``'s wrapper, which compiles a new variant if needed. (Dynamo drops an entry
+    whose guards match an object by identity once that object dies; the graphs here take tensors,
+    constants and module-level classes only, so no entry kept here can outlive what its guards name.)"""
 
     def __init__(self, fn):
         import torch._dynamo
