@@ -4,11 +4,17 @@
     python scripts/bench_layers.py                    # CPU, and CUDA when present
     python scripts/bench_layers.py --device cpu --repeats 9 --json bench_layers.json
 
+    python scripts/bench_layers.py --device cpu --fixed-cost   # microseconds per call where arithmetic is nil
+
 Shapes: ResNet-50's norm inputs at N = 32 (64x56x56, 128x28x28, 256x14x14, 512x7x7 and their 4x-channel
-block outputs) and a detection shape (N = 2, 256x200x272). Layers: MABN2d with the fused kernels and with
-the reference path, BRN, GN, and the grouped b = 2 variants of BN, BRN and MABN (N = 32). Every layer runs
-once per round, rounds repeat, and the median is reported: these machines are noisy, so only ratios
-measured side by side mean anything. Peak memory is what one forward + backward allocates on top of its
+block outputs), a detection shape (N = 2, 256x200x272), small inputs where a layer's fixed cost shows (the
+FPN's upper levels at N = 2, 256x25x42 and 256x13x21; 8x64x16x16) and the CIFAR-style ResNet-20's at N = 32
+(16x28x28, 32x14x14, 64x7x7, as in the Fashion-MNIST demo). Layers: MABN2d with the fused kernels and with
+the reference path, BRN, GN, and the grouped b = 2 and b = 1 variants of BN, BRN and MABN (N > 2; ratios
+against ungrouped BN, so they show what a normalization batch of 2 or 1 costs). Every layer runs once per
+round, rounds repeat, and the median is reported: these machines are noisy, so only ratios measured side by
+side mean anything. ``--fixed-cost`` times forward + backward on a (2, 16, 4, 4) input, where the
+arithmetic is negligible: what is left is each layer's fixed cost per call (dispatch, autograd, Python). Peak memory is what one forward + backward allocates on top of its
 input and output gradient (CUDA: allocator statistics; CPU, Linux: the peak resident size, in a child
 process whose glibc maps every allocation of 64 KiB or more on its own, so that freed memory leaves it).
 """
@@ -33,7 +39,12 @@ SHAPES = [
     (32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7),
     (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7),
     (2, 256, 200, 272),
+    (2, 256, 25, 42), (2, 256, 13, 21), (8, 64, 16, 16),
+    (32, 16, 28, 28), (32, 32, 14, 14), (32, 64, 7, 7),
 ]
+FIXED_COST_SHAPE = (2, 16, 4, 4)
+GROUPED = ("BN", "BRN", "MABN")
+NORM_BATCHES = (2, 1)
 
 
 def layers_for(channels: int, batch: int) -> dict[str, nn.Module]:
@@ -44,14 +55,15 @@ def layers_for(channels: int, batch: int) -> dict[str, nn.Module]:
         "MABN fused": MABN2d(channels, backend="fused", **mabn_options),
         "MABN reference": MABN2d(channels, backend="reference", **mabn_options),
         "BRN": BatchRenorm2d(channels, backend="fused", **brn_options),
-        "GN": nn.GroupNorm(32, channels),
+        "GN": nn.GroupNorm(min(32, channels), channels),  # ResNet-20 has 16 channels
     }
-    if batch % 2 == 0 and batch > 2:
-        layers.update({
-            "BN b=2": BatchNorm2d(channels, norm_batch_size=2, backend="fused"),
-            "BRN b=2": BatchRenorm2d(channels, norm_batch_size=2, backend="fused", **brn_options),
-            "MABN b=2": MABN2d(channels, norm_batch_size=2, backend="fused", **mabn_options),
-        })
+    for b in NORM_BATCHES:
+        if batch % b == 0 and batch > 2:
+            layers.update({
+                f"BN b={b}": BatchNorm2d(channels, norm_batch_size=b, backend="fused"),
+                f"BRN b={b}": BatchRenorm2d(channels, norm_batch_size=b, backend="fused", **brn_options),
+                f"MABN b={b}": MABN2d(channels, norm_batch_size=b, backend="fused", **mabn_options),
+            })
     return layers
 
 
@@ -138,7 +150,7 @@ def add_memory(result: dict, memory: dict) -> None:
 
 
 def print_table(device: torch.device, results: list[dict]) -> None:
-    names = list(results[0]["layers"])
+    names = list(dict.fromkeys(name for r in results for name in r["layers"]))  # grouped ones: N > 2 only
     print(f"\n## {device.type.upper()} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"\n## CUDA: {torch.cuda.get_device_name(device)}")
     print("forward+backward time / nn.BatchNorm2d (same process, median), BN time in ms; peak memory / BN's in brackets\n")
     print("| shape | BN ms | " + " | ".join(names[1:]) + " |")
@@ -150,12 +162,57 @@ def print_table(device: torch.device, results: list[dict]) -> None:
             cells.append("-" if entry is None else f"{entry['time_ratio']:.2f}x ({entry['memory_ratio']:.2f}x)")
         n, c, h, w = r["shape"]
         print(f"| {n}x{c}x{h}x{w} | {r['layers']['BN']['ms']:.2f} | " + " | ".join(cells) + " |")
-    grouped = [r for r in results if "MABN b=2" in r["layers"]]
-    if grouped:
-        print("\ngrouped b = 2 (N = 32) relative to ungrouped BN-32: " + ", ".join(
-            f"{name} max {max(r['layers'][name]['time_ratio'] for r in grouped):.2f}x" for name in ("BN b=2", "BRN b=2", "MABN b=2")))
+    for b in NORM_BATCHES:
+        grouped = [r for r in results if f"MABN b={b}" in r["layers"]]
+        if grouped:
+            print(f"\ngrouped b = {b} relative to ungrouped BN of the same batch: " + ", ".join(
+                f"{name} b={b} max {max(r['layers'][f'{name} b={b}']['time_ratio'] for r in grouped):.2f}x" for name in GROUPED))
     print("MABN fused: max " + f"{max(r['layers']['MABN fused']['time_ratio'] for r in results):.2f}x time, "
           f"max {max(r['layers']['MABN fused']['memory_ratio'] for r in results):.2f}x memory of BN over all shapes")
+
+
+def fixed_costs(device: torch.device, rounds: int, calls: int = 50) -> dict[str, float]:
+    """Microseconds per forward + backward on FIXED_COST_SHAPE: median over rounds of the mean of ``calls``
+    calls (one call is too short for the clock), layers taking turns round by round. On the CPU the clock is
+    the process's CPU time, which the other processes of a shared machine do not inflate (run it with
+    OMP_NUM_THREADS=1: idle worker threads spinning would count); on CUDA, wall time."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    n, c, _, _ = FIXED_COST_SHAPE
+    torch.manual_seed(0)
+    x = torch.randn(FIXED_COST_SHAPE, device=device)
+    dy = torch.randn(FIXED_COST_SHAPE, device=device)
+    mabn_options = dict(warmup_iters=0, renorm_warmup_iters=0)
+    layers = {
+        "BN": nn.BatchNorm2d(c),
+        "MABN fused": MABN2d(c, backend="fused", **mabn_options),
+        "BRN": BatchRenorm2d(c, backend="fused", warmup_steps=0),
+        "BN b=1": BatchNorm2d(c, norm_batch_size=1, backend="fused"),
+        "MABN b=1": MABN2d(c, norm_batch_size=1, backend="fused", **mabn_options),
+    }
+    layers = {name: layer.to(device) for name, layer in layers.items()}
+    for layer in layers.values():
+        for _ in range(3):
+            step(layer, x, dy)
+    times = {name: [] for name in layers}
+    for _ in range(rounds):
+        for name, layer in layers.items():
+            _sync(device)
+            start = clock()
+            for _ in range(calls):
+                step(layer, x, dy)
+            _sync(device)
+            times[name].append((clock() - start) / calls)
+    return {name: 1e6 * statistics.median(t) for name, t in times.items()}
+
+
+def print_fixed_costs(device: torch.device, costs: dict[str, float]) -> None:
+    n, c, h, w = FIXED_COST_SHAPE
+    clock = f"process CPU time, {torch.get_num_threads()} threads" if device.type == "cpu" else "wall time"
+    print(f"\n## {device.type.upper()}: fixed cost per forward + backward ({n}x{c}x{h}x{w} input, median, {clock})\n")
+    print("| layer | us per call | minus BN's |")
+    print("|---|---|---|")
+    for name, us in costs.items():
+        print(f"| {name} | {us:.0f} | {us - costs['BN']:+.0f} |")
 
 
 def main(argv=None) -> int:
@@ -163,9 +220,17 @@ def main(argv=None) -> int:
     add_device_options(parser)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--shapes", type=int, nargs="+", help="indices into the shape list (default: all)")
+    parser.add_argument("--fixed-cost", action="store_true", help="only the fixed cost per call, in microseconds")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of cpu_memories
     args = parser.parse_args(argv)
     devices = selected_devices(parser, args.device)
+    if args.fixed_cost:
+        report = {}
+        for device in devices:
+            report[device.type] = costs = fixed_costs(device, args.repeats)
+            print_fixed_costs(device, costs)
+        write_report(report, args.json)
+        return 0
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
     if args.memory_only:
         print(json.dumps([memories(shape, torch.device("cpu")) for shape in shapes]))

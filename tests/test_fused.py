@@ -138,3 +138,28 @@ def test_deepcopy_of_a_fused_layer_keeps_working():
     layer = MABN2d(4, norm_batch_size=2, backend="fused")
     clone = copy.deepcopy(layer)
     clone(torch.randn(4, 4, 3, 3, requires_grad=True)).sum().backward()
+
+
+class _RefuseAll:
+    def check(self, frame_locals):
+        return False
+
+
+def test_warm_variants_run_without_torch_compile_wrapper_and_what_no_guard_accepts_goes_through_it(monkeypatch):
+    """Compiled variants run straight from dynamo's cache, picked by their own guards (here a float32 and a
+    float64 variant taking turns, each against the reference); arguments no variant's guards accept go through
+    torch.compile's wrapper, which compiles what is missing."""
+    graph = backends._compiled(backends._forward)
+    calls = []
+    compiled = graph._compiled
+    monkeypatch.setattr(graph, "_compiled", lambda *args: calls.append(1) or compiled(*args))
+    make = MABN_CASES["formal-b=2"]  # compiled in both precisions by the tests above
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        _compare(make, (8, 8, 6, 5), torch.device("cpu"), steps=2, dtype=dtype, rtol=rtol)
+    warm = len(calls)
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.float64, 1e-10), (torch.float32, 1e-5)):
+        _compare(make, (8, 8, 6, 5), torch.device("cpu"), steps=2, dtype=dtype, rtol=rtol)
+    assert len(calls) == warm
+    monkeypatch.setattr(graph, "_variants", [(_RefuseAll(), run) for _, run in graph._variants])
+    _compare(make, (8, 8, 6, 5), torch.device("cpu"), steps=2)
+    assert len(calls) == warm + 1  # once through the wrapper; then its variants are known again

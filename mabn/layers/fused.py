@@ -26,6 +26,7 @@ warning. The environment variable ``MABN_BACKEND`` overrides ``'auto'`` for a wh
 from __future__ import annotations
 
 import os
+import types
 import warnings
 from typing import Optional
 
@@ -39,13 +40,69 @@ _RECOMPILE_LIMIT = 64
 _GRAPHS: dict = {}
 
 
-def _compiled(fn):
-    graph = _GRAPHS.get(fn)
-    if graph is None:
+class _Graph:
+    """``torch.compile(fn)``, called without dynamo's per-call machinery once a variant is compiled.
+
+    A call through ``torch.compile``'s wrapper costs ~25 us of Python before the compiled code runs (the
+    wrapper's context managers and config patches, the frame interception), more than the arithmetic
+    of a small layer. Dynamo keeps each compiled variant of ``fn`` as a cache entry: its guards (the
+    conditions under which the variant is valid: tensor metadata, constants, global state such as grad
+    mode and autocast) and the bytecode that runs it. Here the guards of the known entries are checked
+    directly, most recently used first, and the bytecode of the first that accepts the arguments runs as
+    a plain function: what dynamo would run, chosen by dynamo's own guards. Anything else (no entry
+    fits, or dynamo is active around this call: tracing an enclosing model or intercepting frames) goes
+    through ``torch.compile``'s wrapper, which compiles a new variant if needed. (Dynamo drops an entry
+    whose guards match an object by identity once that object dies; the graphs here take tensors,
+    constants and module-level classes only, so no entry kept here can outlive what its guards name.)"""
+
+    def __init__(self, fn):
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-        graph = _GRAPHS[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        self._fn = fn
+        self._compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        self._arg_names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+        self._variants: list = []  # (guard manager, compiled bytecode as a function), most recently used first
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():  # dynamo is tracing an enclosing function: let it inline fn
+            return self._compiled(*args)
+        if _eval_frame_callback() is None:
+            frame_locals = dict(zip(self._arg_names, args))
+            variants = self._variants
+            for i, (guards, run) in enumerate(variants):
+                if guards.check(frame_locals):
+                    if i:  # a new list, not an edit in place: layers may run in several threads (DataParallel)
+                        self._variants = [variants[i], *variants[:i], *variants[i + 1:]]
+                    return run(*args)
+        # Floats (eps, momentum) as constants of the graph, not inputs: dynamo would otherwise wrap each in a
+        # tensor on every call. A layer's floats are fixed, so this costs one variant per distinct value.
+        with torch._dynamo.config.patch(specialize_float=True):
+            out = self._compiled(*args)
+        self._variants = self._known_variants()
+        return out
+
+    def _known_variants(self) -> list:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        fn = self._fn
+        # The bytecode reads the compiled graph from fn's module globals; a snapshot keeps it alive even
+        # if dynamo's caches are reset later.
+        scope = dict(fn.__globals__)
+        return [
+            (entry.guard_manager, types.FunctionType(entry.code, scope, fn.__name__, fn.__defaults__, fn.__closure__))
+            for entry in _debug_get_cache_entry_list(fn.__code__)
+        ]
+
+
+def _eval_frame_callback():
+    return torch._C._dynamo.eval_frame.get_eval_frame_callback()
+
+
+def _compiled(fn) -> _Graph:
+    graph = _GRAPHS.get(fn)
+    if graph is None:
+        graph = _GRAPHS[fn] = _Graph(fn)
     return graph
 
 

@@ -217,11 +217,12 @@ class MovingAverageBatchNorm(nn.Module):
         return y
 
     def _state(self) -> MovingAverageStatistics.State:
+        b = self._buffers  # not eight trips through nn.Module.__getattr__: this runs on every training step
         return MovingAverageStatistics.State(
-            running_var=self.running_var, running_mean=self.running_mean, num_steps=self.num_steps,
-            num_norm_batches=self.num_norm_batches, window_var=self.window_var, window_mean=self.window_mean,
-            window_psi=self.window_psi, window_grad_mean=self.window_grad_mean,
-            num_nonfinite_skipped=self.num_nonfinite_skipped,
+            running_var=b["running_var"], running_mean=b["running_mean"], num_steps=b["num_steps"],
+            num_norm_batches=b["num_norm_batches"], window_var=b["window_var"], window_mean=b["window_mean"],
+            window_psi=b["window_psi"], window_grad_mean=b["window_grad_mean"],
+            num_nonfinite_skipped=b["num_nonfinite_skipped"],
         )
 
     def _config(self) -> MovingAverageStatistics.Config:
