@@ -18,6 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from cls.datasets import load_rgb
 from det.transforms import ToTensor
 
 
@@ -70,7 +71,7 @@ class CocoDetection(torch.utils.data.Dataset):
     every annotation, crowd ones flagged by ``iscrowd``, since COCOeval scores all images.
     """
 
-    def __init__(self, image_dir: str, annotation_file: str, transforms=None, train: bool = True):
+    def __init__(self, image_dir: str, annotation_file: str, transforms=None, train: bool = True, loader=load_rgb):
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"COCO image directory not found: {image_dir}")
         if not os.path.isfile(annotation_file):
@@ -79,6 +80,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.annotation_file = annotation_file
         self.transforms = transforms if transforms is not None else ToTensor()
         self.train = train
+        self.loader = loader  # path -> RGB PIL image; like ImageFolder's, so the same loaders can be compared
         self.coco = COCO(annotation_file)
         self._validate()
 
@@ -147,7 +149,7 @@ class CocoDetection(torch.utils.data.Dataset):
         path = os.path.join(self.image_dir, info["file_name"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: {path} (image id {image_id} of {self.annotation_file})")
-        image = Image.open(path).convert("RGB")
+        image = self.loader(path)
         if image.size != (info["width"], info["height"]):
             # Masks are drawn at the annotated size; a mismatch would silently misalign them.
             raise ValueError(f"{path} is {image.size[0]}x{image.size[1]} but {self.annotation_file} says "

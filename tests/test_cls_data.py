@@ -14,6 +14,7 @@ from torchvision.transforms import functional as TF
 
 from cls import datasets as D
 from cls import transforms as T
+from mabn.engine.sampling import SeededDataset
 
 from fixtures_cls import IMAGE_KINDS, idx_bytes, make_image_folder, write_bytes, write_fashion_mnist, write_image
 
@@ -54,6 +55,26 @@ def test_image_folder_converts_every_mode_to_rgb(tmp_path):
             modes.add(image.mode)
     assert modes == {mode for _, mode in IMAGE_KINDS}  # the fixture really mixes modes
     assert all(dataset[i][0].mode == "RGB" for i in range(len(dataset)))
+
+
+@pytest.mark.parametrize("transform", [
+    pytest.param(T.imagenet_train_transform(crop_size=64), id="train"),
+    pytest.param(T.imagenet_eval_transform(resize_size=72, crop_size=64), id="eval"),
+])
+def test_load_rgb_gives_the_tensors_of_torchvisions_pil_loader(tmp_path, transform):
+    """load_rgb skips pil_loader's copy of RGB images; no pixel and no augmentation draw may change for it."""
+    make_image_folder(tmp_path, "train", CLASSES, size=(120, 90))
+    cmyk = np.random.default_rng(7).integers(0, 256, (90, 120, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "train" / CLASSES[0] / "cmyk.jpg")  # ImageNet has some
+    dataset = D.image_folder(tmp_path, "train", transform)
+    for path, _ in dataset.samples:
+        loaded, reference = D.load_rgb(path), torchvision.datasets.folder.pil_loader(path)
+        assert loaded.mode == "RGB" and np.array_equal(np.asarray(loaded), np.asarray(reference))
+    seeded = SeededDataset(dataset, seed=3)
+    now = [seeded[(1, i)][0] for i in range(len(dataset))]
+    dataset.loader = torchvision.datasets.folder.pil_loader
+    before = [seeded[(1, i)][0] for i in range(len(dataset))]
+    assert all(torch.equal(a, b) for a, b in zip(now, before))
 
 
 def test_image_folder_missing_root_names_it(tmp_path):
