@@ -59,7 +59,7 @@ def load_rgb(path: str) -> Image.Image:
 
     The pixels are those of torchvision's ``pil_loader`` (``Image.open(f).convert('RGB')``), without its copy of
     images that decode to RGB already (nearly every JPEG): ``convert`` to the same mode copies the whole image,
-    ~15 % of the decode time of an ImageNet JPEG (``scripts/bench_data.py``).
+    a few per cent of the decode time of an ImageNet JPEG (``scripts/bench_data.py``).
     """
     try:
         with open(path, "rb") as f:

@@ -10,12 +10,15 @@ spectrum, hence JPEG sizes like ImageNet's), and a COCO-like set (640x480 JPEGs,
 COCO's average). Then, for every augmentation pipeline the classification trainer offers (the choices of
 ``DATA.PIPELINE``, or its one pipeline where the key does not exist) and for the detection trainer's pipeline:
 
-* images/s of one process: the trainer's ``SeededDataset`` item by item, i.e. one DataLoader worker's rate;
-  the image loader before (torchvision's ``pil_loader``: decode, then ``convert('RGB')``, which copies every
-  image) and now (``cls.datasets.load_rgb``: no copy when the JPEG already decodes to RGB), interleaved round by
-  round, with a check that both produce identical tensors;
-* images/s of a DataLoader with 1, 2, ... workers up to the cores present (files in the page cache);
-* the cores one GPU needs at ``--gpu-images-per-s`` (cls) and ``--det-gpu-images-per-s`` (det).
+* images per CPU-second of one process (CPU time, not wall time, so that other load on the machine does not
+  count): the trainer's ``SeededDataset`` item by item, i.e. what one DataLoader worker on a core of its own does;
+  the pipeline before (torchvision's ``pil_loader``: decode, then ``convert('RGB')``, which copies every image;
+  transforms that copy) and now (``cls.datasets.load_rgb``: no copy when the JPEG already decodes to RGB;
+  ``Lighting`` and ``Normalize`` in place), interleaved round by round, with a check that both produce identical
+  tensors; then the CPU time of each stage of the classification sample;
+* images/s (wall time) of a DataLoader with 1, 2, ... workers up to the cores present (files in the page cache);
+* the cores one GPU needs at ``--gpu-images-per-s`` (cls) and ``--det-gpu-images-per-s`` (det): the GPU's rate
+  over one worker's images per CPU-second, workers only (the training process needs its own core besides).
 
 The GPU figures are assumptions, not measurements of this project (no GPU was available): 2,500 images/s is
 the order of published ResNet-50 mixed-precision training throughputs on one A100-class GPU; 20 images/s is an
@@ -29,7 +32,7 @@ decode, pixel for pixel (draft mode: after a resize to the crop size, its most f
 from __future__ import annotations
 
 import argparse
-import io
+import copy
 import json
 import math
 import os
@@ -62,7 +65,7 @@ IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (500, 500))  # (width, hei
 COCO_SIZES = ((640, 480), (480, 640))
 JPEG_QUALITY = 90
 COCO_OBJECTS_PER_IMAGE = 7
-LOADERS = {"before (pil_loader)": pil_loader, "now (load_rgb)": load_rgb}
+VARIANTS = ("before", "now")
 
 
 def smooth_noise(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -160,27 +163,77 @@ def identical(a, b) -> bool:
     return len(ta) == len(tb) and all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb))
 
 
-def per_process_rates(dataset, set_loader, images: int, rounds: int, check: int) -> tuple[dict[str, float], bool]:
-    """Median images/s of ``SeededDataset`` item by item with each of LOADERS, interleaved round by round; and
-    whether the first ``check`` samples are identical with every loader."""
-    seeded = SeededDataset(dataset, seed=0)
-    reference = None
-    same = True
-    for loader in LOADERS.values():
-        set_loader(loader)
-        samples = [seeded[(0, i)] for i in range(check)]
-        same = same and (reference is None or all(identical(x, y) for x, y in zip(samples, reference)))
-        reference = samples
-    times: dict[str, list[float]] = {name: [] for name in LOADERS}
+def with_copies(transforms):
+    """The pipeline as it was before the in-place speed-up: every transform with an ``inplace`` flag copying."""
+    if not hasattr(transforms, "transforms"):
+        return transforms
+    before = copy.copy(transforms)
+    before.transforms = [copy.copy(t) for t in transforms.transforms]
+    for t in before.transforms:
+        if getattr(t, "inplace", False):
+            t.inplace = False
+    return before
+
+
+class Variants:
+    """Switches a dataset between its pipeline as it was ('before': torchvision's ``pil_loader``, which copies RGB
+    images in ``convert``, and transforms that copy) and as it is now ('now'); ``attribute`` names its transform."""
+
+    def __init__(self, dataset, attribute: str):
+        self.dataset, self.attribute = dataset, attribute
+        self.now = (dataset.loader, getattr(dataset, attribute))
+        self.before = (pil_loader, with_copies(self.now[1]))
+
+    def use(self, variant: str) -> None:
+        self.dataset.loader, transform = getattr(self, variant)
+        setattr(self.dataset, self.attribute, transform)
+
+
+def per_process_rates(variants: Variants, images: int, rounds: int, check: int) -> tuple[dict[str, float], bool]:
+    """Median images per CPU-second of ``SeededDataset`` item by item in each of VARIANTS, interleaved round by
+    round; and whether the first ``check`` samples are identical in both."""
+    seeded = SeededDataset(variants.dataset, seed=0)
+    samples = {}
+    for variant in VARIANTS:
+        variants.use(variant)
+        samples[variant] = [seeded[(0, i)] for i in range(check)]
+    same = all(identical(x, y) for x, y in zip(*samples.values()))
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for _ in range(rounds):
-        for name, loader in LOADERS.items():
-            set_loader(loader)
-            start = time.perf_counter()
+        for variant in VARIANTS:
+            variants.use(variant)
+            start = time.process_time()
             for i in range(images):
-                seeded[(0, i % len(dataset))]
-            times[name].append(images / (time.perf_counter() - start))
-    set_loader(load_rgb)
-    return {name: statistics.median(v) for name, v in times.items()}, same
+                seeded[(0, i % len(seeded))]
+            times[variant].append(images / (time.process_time() - start))
+    variants.use("now")
+    return {variant: statistics.median(v) for variant, v in times.items()}, same
+
+
+WHOLE_SAMPLE = "whole sample (SeededDataset)"
+
+
+def stage_ms(dataset, images: int, rounds: int) -> dict[str, float]:
+    """Median CPU ms per image of each stage of a classification sample: the loader, then each transform of the
+    Compose in turn; and of the whole sample as the trainer loads it (``SeededDataset``, which also seeds)."""
+    seeded = SeededDataset(dataset, seed=0)
+    stages = {"loader (load_rgb)": dataset.loader, **{type(t).__name__: t for t in dataset.transform.transforms}}
+    times: dict[str, list[float]] = {name: [] for name in [*stages, WHOLE_SAMPLE]}
+    for _ in range(rounds):
+        spent = dict.fromkeys(times, 0.0)
+        for i in range(images):
+            torch.manual_seed(i)
+            sample = dataset.samples[i % len(dataset)][0]
+            for name, stage in stages.items():
+                start = time.process_time()
+                sample = stage(sample)
+                spent[name] += time.process_time() - start
+            start = time.process_time()
+            seeded[(0, i % len(dataset))]
+            spent[WHOLE_SAMPLE] += time.process_time() - start
+        for name in times:
+            times[name].append(spent[name] / images * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def loader_rate(dataset, workers: int, batch: int, batches: int, collate=None) -> float:
@@ -196,15 +249,15 @@ def loader_rate(dataset, workers: int, batch: int, batches: int, collate=None) -
 
 
 def interleaved_ms(fns: dict, rounds: int) -> dict[str, float]:
-    """Median ms per call of each function, the functions taking turns round by round (after one warm-up call)."""
+    """Median CPU ms per call of each function, the functions taking turns round by round (after one warm-up call)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = time.process_time()
             fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append((time.process_time() - start) * 1e3)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -284,13 +337,13 @@ def run(args, imagenet_root: str, coco: tuple[str, str]) -> int:
     torch.set_num_threads(1)  # what a DataLoader worker gets
     results: dict = {"cpu_cores": os.cpu_count(), "pipelines": {}}
     print(f"{os.cpu_count()} CPU cores; {args.images} ImageNet-like and {args.coco_images} COCO-like JPEGs (quality {JPEG_QUALITY})")
-    print("\n| pipeline | images/s per process, before | now | now / before | identical tensors | "
+    print("\n| pipeline | images per CPU-second, before | now | now / before | identical tensors | "
           "DataLoader images/s with 1, 2, ... workers | cores per GPU at the stated rate |")
     print("|---|---|---|---|---|---|---|")
 
-    def report(name, dataset, set_loader, images, gpu_rate, batch, collate=None):
-        rates, same = per_process_rates(dataset, set_loader, images, args.rounds, args.check)
-        before, now = rates.values()
+    def report(name, dataset, attribute, images, gpu_rate, batch, collate=None):
+        rates, same = per_process_rates(Variants(dataset, attribute), images, args.rounds, args.check)
+        before, now = rates["before"], rates["now"]
         scaling = [loader_rate(dataset, w, batch, args.batches, collate) for w in range(1, args.max_workers + 1)]
         cores = cores_needed(gpu_rate, now)
         results["pipelines"][name] = {"per_process": rates, "identical": same, "workers": scaling,
@@ -301,14 +354,20 @@ def run(args, imagenet_root: str, coco: tuple[str, str]) -> int:
 
     ok = True
     for pipeline in classification_pipelines() or (None,):
-        dataset = classification_set(imagenet_root, pipeline)
-        ok &= report(f"cls {pipeline or 'train'}", dataset, lambda f, d=dataset: setattr(d, "loader", f),
+        ok &= report(f"cls {pipeline or 'train'}", classification_set(imagenet_root, pipeline), "transform",
                      args.images, args.gpu_images_per_s, args.batch)
     det_set = CocoDetection(*coco, det_transforms(train=True), train=True)
-    ok &= report("det train", det_set, lambda f: setattr(det_set, "loader", f), args.coco_images,
-                 args.det_gpu_images_per_s, 2, collate_fn)
+    ok &= report("det train", det_set, "transforms", args.coco_images, args.det_gpu_images_per_s, 2, collate_fn)
 
-    print("\n| JPEG decoder (ImageNet-like files) | ms per image | pixels |")
+    for pipeline in classification_pipelines() or (None,):
+        stages = stage_ms(classification_set(imagenet_root, pipeline), args.images, args.rounds)
+        results["pipelines"][f"cls {pipeline or 'train'}"]["stages_ms"] = stages
+        print(f"\n| cls {pipeline or 'train'}: stage | CPU ms per image | share of the whole sample |")
+        print("|---|---|---|")
+        for name, ms in stages.items():
+            print(f"| {name} | {ms:.2f} | {ms / stages[WHOLE_SAMPLE]:.0%} |")
+
+    print("\n| JPEG decoder (ImageNet-like files) | CPU ms per image | pixels |")
     print("|---|---|---|")
     paths = [path for path, _ in classification_set(imagenet_root, None).samples[: args.check]]
     decoders = decoder_report(paths, get_default_config().DATA.CROP_SIZE, args.rounds)
@@ -319,7 +378,7 @@ def run(args, imagenet_root: str, coco: tuple[str, str]) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     if not ok:
-        print("the loaders produced different tensors: the speed-up changed pixels", file=sys.stderr)
+        print("the pipeline before and now produced different tensors: a speed-up changed pixels", file=sys.stderr)
     return 0 if ok else 1
 
 
