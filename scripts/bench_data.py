@@ -25,7 +25,8 @@ the order of published ResNet-50 mixed-precision training throughputs on one A10
 assumed Mask R-CNN R50-FPN AMP training rate on one such GPU. Pass the figures of your GPU (``scripts/gpu_check.py``
 measures the trainers' images/s).
 
-Last, the JPEG decoders our stack offers, per image: PIL with and without the extra copy, ``torchvision.io
+For the det masks, the way ``det.coco`` built them before (one pycocotools decode call, then a transposing
+copy) against ``det.coco.decode_masks``, checked identical. Last, the JPEG decoders our stack offers, per image: PIL with and without the extra copy, ``torchvision.io
 .decode_jpeg``, and PIL's draft mode (DCT-domain downscaling by 2 at decode), each compared with PIL's full
 decode, pixel for pixel (draft mode: after a resize to the crop size, its most favourable case).
 """
@@ -47,13 +48,14 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import pil_loader
 
 from cls import train as cls_train
 from cls.config import get_default_config
 from cls.datasets import image_folder, load_rgb
-from det.coco import CocoDetection
+from det.coco import CocoDetection, decode_masks, segmentation_to_rle
 from det.sampler import collate_fn
 from det.transforms import build_transforms as det_transforms
 from mabn.engine.sampling import SeededDataset
@@ -300,6 +302,24 @@ def decoder_report(paths: list[str], crop_size: int, rounds: int) -> list[tuple[
     return [(name, ms[name] / len(paths), pixels[name]) for name in pixels]
 
 
+def mask_report(dataset: CocoDetection, rounds: int) -> list[tuple[str, float, str]]:
+    """(way, CPU ms per image, masks against the one decode call) for the two ways of building the (K, H, W) masks."""
+    images = []
+    for image_id in dataset.ids:
+        info = dataset.coco.imgs[image_id]
+        rles = [segmentation_to_rle(a["segmentation"], info["height"], info["width"]) for a in dataset.coco.imgToAnns[image_id]]
+        images.append((rles, info["height"], info["width"]))
+    ways = {
+        "before: one decode call, (H, W, K) transposed": lambda r, h, w: np.ascontiguousarray(mask_utils.decode(r).transpose(2, 0, 1)),
+        "now: det.coco.decode_masks, object by object": decode_masks,
+    }
+    before, now = ways.values()
+    same = all(np.array_equal(b, n) and n.flags.c_contiguous for b, n in ((before(*i), now(*i)) for i in images))
+    ms = interleaved_ms({name: lambda way=way: [way(*image) for image in images] for name, way in ways.items()}, rounds)
+    return [(name, ms[name] / len(images), "reference" if i == 0 else "identical" if same else "DIFFERENT")
+            for i, name in enumerate(ways)]
+
+
 def cores_needed(gpu_rate: float, per_process: float) -> int:
     return math.ceil(gpu_rate / per_process)
 
@@ -366,6 +386,14 @@ def run(args, imagenet_root: str, coco: tuple[str, str]) -> int:
         print("|---|---|---|")
         for name, ms in stages.items():
             print(f"| {name} | {ms:.2f} | {ms / stages[WHOLE_SAMPLE]:.0%} |")
+
+    print("\n| det masks of the COCO-like set | CPU ms per image | masks |")
+    print("|---|---|---|")
+    masks = mask_report(det_set, args.rounds)
+    for name, ms, same in masks:
+        print(f"| {name} | {ms:.2f} | {same} |")
+        ok &= same != "DIFFERENT"
+    results["det_masks"] = {name: {"ms": ms, "masks": same} for name, ms, same in masks}
 
     print("\n| JPEG decoder (ImageNet-like files) | CPU ms per image | pixels |")
     print("|---|---|---|")

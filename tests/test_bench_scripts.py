@@ -49,6 +49,7 @@ def test_bench_data_measures_every_pipeline_on_generated_sets(tmp_path, capsys):
         assert row["identical"] and len(row["workers"]) == 1 and row["cores_per_gpu"] >= 1
         assert set(row["per_process"]) == set(bench_data.VARIANTS) and all(v > 0 for v in row["per_process"].values())
     assert results["decoders"]["torchvision.io.decode_jpeg"]["pixels"]  # compared, whatever the libjpeg build gives
+    assert [row["masks"] for row in results["det_masks"].values()] == ["reference", "identical"]
     out = capsys.readouterr().out
     assert all(f"| {name} |" in out for name in names) and "cores per GPU" in out
     # A second run reuses the generated files instead of writing new ones.
