@@ -55,11 +55,20 @@ class IdxFormatError(ValueError):
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, turning any decoding failure into a :class:`CorruptImageError` naming ``path``."""
+    """Open an image as RGB, turning any decoding failure into a :class:`CorruptImageError` naming ``path``.
+
+    The pixels are those of torchvision's ``pil_loader`` (``Image.open(f).convert('RGB')``), without its copy of
+    images that decode to RGB already (nearly every JPEG): ``convert`` to the same mode copies the whole image,
+    a few per cent of the decode time of an ImageNet JPEG (``scripts/bench_data.py``).
+    """
     try:
         with open(path, "rb") as f:
-            # convert() forces the full decode here, so that truncated files fail now and not in a transform.
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            # load() / convert() force the full decode here, so that truncated files fail now and not in a transform.
+            if image.mode == "RGB":
+                image.load()
+                return image
+            return image.convert("RGB")
     except _DECODE_ERRORS as e:
         raise CorruptImageError(f"cannot read image {path}: {e}") from e
 

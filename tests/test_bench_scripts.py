@@ -10,6 +10,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+import bench_data  # noqa: E402
 import bench_inference  # noqa: E402
 import bench_train  # noqa: E402
 
@@ -34,3 +35,25 @@ def test_bench_train_times_every_configuration_and_the_plain_loop(capsys):
     for name in bench_train.CONFIGS:
         assert f"| {name} |" in out
     assert "trainer / plain" in out and out.count("| BN-32 |") == 2 and out.count("| MABN-2 |") == 2
+
+
+def test_bench_data_measures_every_pipeline_on_generated_sets(tmp_path, capsys):
+    report = tmp_path / "data.json"
+    args = ["--root", str(tmp_path / "sets"), "--images", "4", "--coco-images", "2", "--rounds", "1", "--batch", "2",
+            "--batches", "1", "--max-workers", "1", "--check", "2", "--json", str(report)]
+    assert bench_data.main(args) == 0
+    results = json.loads(report.read_text())
+    names = [f"cls {p}" for p in bench_data.classification_pipelines()] or ["cls train"]
+    assert set(results["pipelines"]) == {*names, "det train"}
+    for row in results["pipelines"].values():
+        assert row["identical"] and len(row["workers"]) == 1 and row["cores_per_gpu"] >= 1
+        assert set(row["per_process"]) == set(bench_data.VARIANTS) and all(v > 0 for v in row["per_process"].values())
+    assert results["decoders"]["torchvision.io.decode_jpeg"]["pixels"]  # compared, whatever the libjpeg build gives
+    assert [row["masks"] for row in results["det_masks"].values()] == ["reference", "identical"]
+    out = capsys.readouterr().out
+    assert all(f"| {name} |" in out for name in names) and "cores per GPU" in out
+    # A second run reuses the generated files instead of writing new ones.
+    files = sorted(p.stat().st_mtime_ns for p in (tmp_path / "sets").rglob("*.*"))
+    bench_data.make_imagenet_like(str(tmp_path / "sets" / "imagenet"), 4)
+    bench_data.make_coco_like(str(tmp_path / "sets" / "coco"), 2)
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "sets").rglob("*.*")) == files

@@ -10,10 +10,12 @@ import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import transforms as TV
 from torchvision.transforms import functional as TF
 
 from cls import datasets as D
 from cls import transforms as T
+from mabn.engine.sampling import SeededDataset
 
 from fixtures_cls import IMAGE_KINDS, idx_bytes, make_image_folder, write_bytes, write_fashion_mnist, write_image
 
@@ -54,6 +56,43 @@ def test_image_folder_converts_every_mode_to_rgb(tmp_path):
             modes.add(image.mode)
     assert modes == {mode for _, mode in IMAGE_KINDS}  # the fixture really mixes modes
     assert all(dataset[i][0].mode == "RGB" for i in range(len(dataset)))
+
+
+# The recipes as they were before the speed-ups (every step copying), built from torchvision's parts.
+COPYING_TRAIN = TV.Compose([TV.RandomResizedCrop(64, scale=(0.08, 1.0)), TV.RandomHorizontalFlip(), TV.ToTensor(),
+                            T.Lighting(0.1), TV.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)])
+COPYING_EVAL = TV.Compose([TV.Resize(72), TV.CenterCrop(64), TV.ToTensor(), TV.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)])
+
+
+@pytest.mark.parametrize("transform,copying", [
+    pytest.param(T.imagenet_train_transform(crop_size=64), COPYING_TRAIN, id="train"),
+    pytest.param(T.imagenet_eval_transform(resize_size=72, crop_size=64), COPYING_EVAL, id="eval"),
+])
+def test_loading_gives_the_tensors_of_the_copying_pipeline(tmp_path, transform, copying):
+    """load_rgb skips pil_loader's copy of RGB images, the recipes work in place after ToTensor: no pixel and no
+    augmentation draw may change for it."""
+    make_image_folder(tmp_path, "train", CLASSES, size=(120, 90))
+    cmyk = np.random.default_rng(7).integers(0, 256, (90, 120, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "train" / CLASSES[0] / "cmyk.jpg")  # ImageNet has some
+    dataset = D.image_folder(tmp_path, "train", transform)
+    for path, _ in dataset.samples:
+        loaded, reference = D.load_rgb(path), torchvision.datasets.folder.pil_loader(path)
+        assert loaded.mode == "RGB" and np.array_equal(np.asarray(loaded), np.asarray(reference))
+    seeded = SeededDataset(dataset, seed=3)
+    now = [seeded[(1, i)][0] for i in range(len(dataset))]
+    dataset.loader, dataset.transform = torchvision.datasets.folder.pil_loader, copying
+    before = [seeded[(1, i)][0] for i in range(len(dataset))]
+    assert all(torch.equal(a, b) for a, b in zip(now, before))
+
+
+def test_lighting_in_place_adds_the_same_offset_to_the_given_tensor():
+    image = torch.rand(2, 3, 5, 4)
+    torch.manual_seed(0)
+    copied = T.Lighting(0.1)(image)
+    torch.manual_seed(0)
+    target = image.clone()
+    assert T.Lighting(0.1, inplace=True)(target) is target and torch.equal(target, copied)
+    assert not torch.equal(target, image)
 
 
 def test_image_folder_missing_root_names_it(tmp_path):

@@ -12,12 +12,14 @@ import torch
 import torch.multiprocessing as mp
 from pycocotools import mask as mask_utils
 from torch.utils.data import DistributedSampler, RandomSampler
+from torchvision.datasets.folder import pil_loader
 
-from det.coco import CocoDetection
+from det.coco import CocoDetection, decode_masks, segmentation_to_rle
 from det.evaluation import CocoEvaluator, write_json, write_json_atomically
 from det.sampler import GroupedBatchSampler, aspect_ratio_group_ids, collate_fn
 from det.synthetic_shapes import CATEGORIES, make_shapes_dataset
 from det.transforms import RandomHorizontalFlip, build_transforms, hflip
+from mabn.engine.sampling import SeededDataset
 
 from fixtures_det import (
     HEIGHT,
@@ -102,6 +104,30 @@ def test_targets_of_synthetic_set(shapes):
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+
+
+def test_default_loader_gives_the_samples_of_torchvisions_pil_loader(shapes):
+    """The loader without pil_loader's copy changes no pixel, target or flip of the training pipeline."""
+    dataset = shapes_split(shapes, "train2017", train=True, transforms=build_transforms(train=True))
+    seeded = SeededDataset(dataset, seed=5)
+    now = [seeded[(0, i)] for i in range(4)]
+    dataset.loader = pil_loader
+    before = [seeded[(0, i)] for i in range(4)]
+    for (image, target), (image_before, target_before) in zip(now, before):
+        assert torch.equal(image, image_before)
+        assert target.keys() == target_before.keys() and all(torch.equal(target[k], target_before[k]) for k in target)
+
+
+def test_decode_masks_is_the_transposed_single_decode_call(shapes):
+    dataset = shapes_split(shapes, "train2017", train=True)
+    for image_id in dataset.ids[:4]:
+        info = dataset.coco.imgs[image_id]
+        rles = [segmentation_to_rle(a["segmentation"], info["height"], info["width"]) for a in dataset.coco.imgToAnns[image_id]]
+        masks = decode_masks(rles, info["height"], info["width"])
+        reference = mask_utils.decode(rles).transpose(2, 0, 1)  # (H, W, K) -> (K, H, W)
+        assert masks.flags.c_contiguous and masks.dtype == np.uint8 and np.array_equal(masks, reference)
+    empty = decode_masks([], 7, 9)
+    assert empty.shape == (0, 7, 9) and empty.dtype == np.uint8
 
 
 def test_ground_truth_as_detections_scores_100_and_perturbations_lower_it(shapes):
