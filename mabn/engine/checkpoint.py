@@ -293,8 +293,8 @@ class Checkpointer:
     def last_good(self) -> str:
         """Which checkpoint a stopped run leaves, for the message that stops it."""
         if self.saved is None:
-            return f"no checkpoint was saved yet in {self.cfg.OUTPUT_DIR}"
-        return f"the last good checkpoint is {self.path}, from " + ", ".join(f"{k} {v}" for k, v in self.saved.items())
+            return f"No checkpoint was saved yet in {self.cfg.OUTPUT_DIR}"
+        return f"The last good checkpoint is {self.path}, from " + ", ".join(f"{k} {v}" for k, v in self.saved.items())
 
     def non_finite_state(self) -> list[str]:
         """The parameters and buffers of this rank's model that hold NaN or Inf."""
