@@ -27,13 +27,14 @@ from torch.utils.data import DataLoader, Subset
 
 from cls import transforms as T
 from cls.config import get_default_config
-from cls.datasets import build_dataset
+from cls.datasets import ImageFolderDataset, build_dataset
 from cls.models import build_classifier
 from mabn.batch_statistics import BatchStatisticsRecorder
 from mabn.engine.checkpoint import Checkpointer, load_pretrained, load_weights, resume_path
 from mabn.engine.config import CfgNode, ConfigError
 from mabn.engine.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, wrap_ddp
 from mabn.engine.launch import NonFiniteLossError, autocast, run
+from mabn.engine.image_files import ImageFileError, check_image_files
 from mabn.engine.logger import RunLogger, progress_bar
 from mabn.engine.output_dir import METRICS_FILE, write_json_atomically
 from mabn.engine.sampling import ResumableDistributedSampler, SeededDataset, evaluation_subset, shard_indices
@@ -88,6 +89,19 @@ def build_datasets(cfg: CfgNode):
     if classes > cfg.MODEL.NUM_CLASSES:
         raise ConfigError(f"the training set has {classes} classes but MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}")
     return train, val
+
+
+def check_val_images(cfg: CfgNode, info: DistInfo, val_set) -> None:
+    """Every validation image this rank will evaluate exists and has a readable header, checked before training (a
+    broken one found at the evaluation would cost the epoch); with DATA.SKIP_CORRUPT broken images are skipped then."""
+    base, indices = (val_set.dataset, val_set.indices) if isinstance(val_set, Subset) else (val_set, range(len(val_set)))
+    if cfg.DATA.SKIP_CORRUPT or not isinstance(base, ImageFolderDataset):
+        return
+    shard = [indices[i] for i in shard_indices(len(indices), info.rank, info.world_size)]
+    try:
+        check_image_files((base.samples[i][0] for i in shard), f"DATA.VAL_SPLIT {cfg.DATA.VAL_SPLIT!r} of DATA.ROOT {cfg.DATA.ROOT!r}")
+    except ImageFileError as e:
+        raise ConfigError(f"{e} (DATA.SKIP_CORRUPT True skips broken images)") from None
 
 
 def build_train_loader(cfg: CfgNode, info: DistInfo, train_set) -> tuple[ResumableDistributedSampler, DataLoader]:
@@ -282,6 +296,7 @@ def report(metrics: dict, what: str) -> str:
 def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> dict:
     # data
     train_set, val_set = build_datasets(cfg)
+    check_val_images(cfg, info, val_set)
     sampler, train_loader = build_train_loader(cfg, info, train_set)
     val_loader = build_val_loader(cfg, info, val_set)
     schedule = build_schedule(cfg, sampler)

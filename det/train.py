@@ -40,6 +40,7 @@ from mabn.engine.checkpoint import Checkpointer, load_pretrained, load_weights, 
 from mabn.engine.config import CfgNode, ConfigError
 from mabn.engine.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, wrap_ddp
 from mabn.engine.launch import NonFiniteLossError, autocast, run
+from mabn.engine.image_files import ImageFileError, check_image_files
 from mabn.engine.logger import RunLogger, progress_bar
 from mabn.engine.output_dir import METRICS_FILE
 from mabn.engine.sampling import SeededDataset, evaluation_subset, shard_indices
@@ -111,6 +112,17 @@ def check_categories(reference: CocoDetection, other: CocoDetection) -> None:
 def build_val_set(cfg: CfgNode) -> CocoDetection:
     val_set = coco_set(cfg, "VAL_IMAGES", "VAL_ANNOTATIONS", None, train=False)
     return val_set.subset(evaluation_subset(len(val_set), cfg.TEST.MAX_IMAGES)) if cfg.TEST.MAX_IMAGES else val_set
+
+
+def check_val_images(cfg: CfgNode, info: DistInfo, val_set: CocoDetection) -> None:
+    """Every validation image this rank will evaluate exists, has a readable header and the annotated size, checked
+    before training: a broken one found at the final evaluation would cost the whole run."""
+    images = [val_set.coco.imgs[val_set.ids[i]] for i in shard_indices(len(val_set), info.rank, info.world_size)]
+    try:
+        check_image_files((os.path.join(val_set.image_dir, image["file_name"]) for image in images),
+                          f"DATA.VAL_IMAGES ({val_set.annotation_file})", ((image["width"], image["height"]) for image in images))
+    except ImageFileError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_train_set(cfg: CfgNode, val_set: CocoDetection) -> tuple[torch.utils.data.Dataset, list[int]]:
@@ -384,6 +396,7 @@ RESUME_MUST_MATCH = ("MODEL.NUM_CLASSES", "MODEL.NORM", "MODEL.NORM_OPTIONS", "M
 def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> dict:
     # data
     val_set = build_val_set(cfg)
+    check_val_images(cfg, info, val_set)
     train_set, group_ids = build_train_set(cfg, val_set)
     batches, train_loader = build_train_loader(cfg, info, train_set, group_ids)
     val_loader = build_val_loader(cfg, info, val_set)

@@ -215,3 +215,63 @@ def test_results_files_respect_the_umask(tmp_path, capsys):
     assert code == 0, output[-3000:]
     for name in ("metrics.json", "checkpoint.pth", "model_final.pth", "config.yaml"):
         assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o644, name
+
+
+# ----------------------------------------------------------------------------- the detection trainer
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_detection_final_evaluation_failure_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """The final evaluation of the detection trainer fails (an unreadable validation image): the trained iterations
+    are in checkpoint.pth, nothing claims the run is finished, and the rerun evaluates and finishes it."""
+    import det.train
+    from det.synthetic_shapes import make_shapes_dataset
+    from test_det_train import tiny_args as det_args
+
+    shapes = make_shapes_dataset(str(tmp_path / "shapes"), num_train=4, num_val=2)
+    out = tmp_path / "det"
+    evaluate = det.train.evaluate
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("image file not found: val/1.png")
+
+    monkeypatch.setattr(det.train, "evaluate", broken)
+    args = det_args("scratch_mabn_2.yaml", shapes, out, "SOLVER.MAX_ITER", "2")
+    with pytest.raises(FileNotFoundError, match="val/1.png"):
+        det.train.main(args)
+    assert load_checkpoint(str(out / "checkpoint.pth"))["iter"] == 2
+    assert not (out / "model_final.pth").exists() and not (out / "metrics.json").exists()
+    monkeypatch.setattr(det.train, "evaluate", evaluate)
+    assert det.train.main(args) == 0, capsys.readouterr().err[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["iter"] == 2 and run_finished(str(out))
+
+
+# ----------------------------------------------------------------------------- the validation set, checked up front
+def test_a_broken_validation_image_is_named_before_any_training(tmp_path, capsys):
+    from test_cls_train import make_folder, tiny_args as folder_args
+
+    data = make_folder(tmp_path / "data", per_class=2)
+    bad = data / "val" / "b" / "1.png"
+    bad.write_bytes(b"not an image at all")
+    out = tmp_path / "val"
+    code, output = call(folder_args(data, out, "DATA.BATCH_SIZE", "2", "DEVICE", "cpu"), capsys)
+    assert code == 2
+    assert f"DATA.VAL_SPLIT 'val' of DATA.ROOT {str(data)!r}: cannot read image {bad}" in output
+    assert "DATA.SKIP_CORRUPT True skips broken images" in output
+    assert sorted(os.listdir(out)) == ["log.txt", "tensorboard"]  # no checkpoint, no config.yaml, no metrics
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_a_missing_detection_validation_image_is_named_before_any_training(tmp_path, capsys):
+    import det.train
+    from det.synthetic_shapes import make_shapes_dataset
+    from test_det_train import tiny_args as det_args
+
+    shapes = make_shapes_dataset(str(tmp_path / "shapes"), num_train=2, num_val=2)
+    annotations = json.loads(open(os.path.join(shapes, "annotations", "instances_val2017.json")).read())
+    missing = os.path.join(shapes, "val2017", annotations["images"][1]["file_name"])
+    os.remove(missing)
+    out = tmp_path / "det"
+    code = det.train.main(det_args("scratch_mabn_2.yaml", shapes, out))
+    output = capsys.readouterr().err
+    assert code == 2 and f"image file not found: {missing}" in output and "DATA.VAL_IMAGES" in output, output[-3000:]
+    assert not (out / "checkpoint.pth").exists() and not (out / "config.yaml").exists()
