@@ -275,3 +275,13 @@ def test_a_missing_detection_validation_image_is_named_before_any_training(tmp_p
     output = capsys.readouterr().err
     assert code == 2 and f"image file not found: {missing}" in output and "DATA.VAL_IMAGES" in output, output[-3000:]
     assert not (out / "checkpoint.pth").exists() and not (out / "config.yaml").exists()
+
+
+def test_changed_keys_compare_whole_sections():
+    from cls.config import get_default_config
+    from mabn.engine.checkpoint import changed_keys
+
+    saved = get_default_config().dump()
+    now = get_default_config().merge_from_list(["MODEL.NORM_OPTIONS", "{warmup_iters: 2}", "SOLVER.BASE_LR", "0.5"])
+    assert changed_keys(saved, now, ("MODEL.NORM_OPTIONS", "SOLVER.EPOCHS")) == ["MODEL.NORM_OPTIONS: {} -> {'warmup_iters': 2}"]
+    assert changed_keys("", now, ("MODEL.NORM_OPTIONS",)) == []  # a checkpoint without a config: nothing to compare

@@ -224,23 +224,25 @@ def resume_path(output_dir: str, resume: Optional[str]) -> Optional[str]:
 ACCEPT_CHANGED_KEY = "CHECKPOINT.RESUME_CHANGED_CONFIG"  # resume even where the keys that give it meaning changed
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+_ABSENT = object()
+
+
+def _at(values: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return _ABSENT
+        values = values[part]
+    return values
 
 
 def changed_keys(saved_config: str, cfg, keys: tuple[str, ...]) -> list[str]:
-    """``KEY: saved -> now`` for each of ``keys`` (or a key under one of them) whose value differs between the saved
-    YAML config and ``cfg``; keys the saved config lacks (an older trainer) are not compared."""
-    saved = _flat(yaml.safe_load(saved_config) or {}) if saved_config else {}
-    now = _flat(cfg.to_dict())
-    under = lambda key: [k for k in now if k == key or k.startswith(key + ".")] or [key]  # noqa: E731
-    return [f"{k}: {saved[k]!r} -> {now.get(k)!r}" for key in keys for k in under(key) if k in saved and saved[k] != now.get(k)]
+    """``KEY: saved -> now`` for each of ``keys`` (a whole section, such as MODEL.NORM_OPTIONS, compares as one value)
+    whose value differs between the saved YAML config and ``cfg``; keys the saved config lacks (an older trainer)
+    are not compared."""
+    saved = (yaml.safe_load(saved_config) or {}) if saved_config else {}
+    now = cfg.to_dict()
+    return [f"{key}: {_at(saved, key)!r} -> {_at(now, key)!r}" for key in keys
+            if _at(saved, key) is not _ABSENT and _at(saved, key) != _at(now, key)]
 
 
 class Checkpointer:
@@ -288,7 +290,7 @@ class Checkpointer:
         """The run is accepted (config checked, data found, checkpoint resumed): now, and only now, its resolved
         config replaces ``OUTPUT_DIR/config.yaml``, so that a refused rerun leaves the directory's config as it was."""
         if self.info.is_main:
-            self.cfg.save(os.path.join(self.cfg.OUTPUT_DIR, "config.yaml"))
+            write_file_atomically(os.path.join(self.cfg.OUTPUT_DIR, "config.yaml"), lambda f: f.write(self.cfg.dump()))
 
     def last_good(self) -> str:
         """Which checkpoint a stopped run leaves, for the message that stops it."""
