@@ -30,6 +30,9 @@ HEARTBEAT_S = 60.0
 class OutputError(OSError):
     """An output file that cannot be written (full disk, read-only directory); the message names the file."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]"
+        return self.strerror or super().__str__()
+
 
 class OutputDirLockedError(RuntimeError):
     """Another trainer, still alive, holds the output directory."""
@@ -128,7 +131,12 @@ class OutputDirLock:
 
     def acquire(self) -> "OutputDirLock":
         me = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:  # a file where the directory should be, no permission to create it
+            kind = "a file, not a directory" if os.path.isfile(directory) else (e.strerror or str(e))
+            raise OutputError(e.errno, f"OUTPUT_DIR {directory} cannot be used: {kind}") from None
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -141,6 +149,8 @@ class OutputDirLock:
             write_json_atomically(me, self.path)  # a stale lock is taken over
             if (_read_lock(self.path) or {}).get("token") != self.token:  # another trainer took it over first
                 raise OutputDirLockedError(f"OUTPUT_DIR {os.path.dirname(self.path)} was just taken by another trainer") from None
+        except OSError as e:  # a read-only OUTPUT_DIR
+            raise write_error(self.path, e) from None
         else:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
