@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mabn.engine.output_dir import write_json_atomically  # noqa: F401 (det's results files are written with it)
+from mabn.engine.output_dir import write_json_atomically
 
 IOU_TYPES = ("bbox", "segm")
 # The first six entries of COCOeval.stats, in order.
