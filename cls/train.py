@@ -30,7 +30,7 @@ from cls.config import get_default_config
 from cls.datasets import ImageFolderDataset, build_dataset
 from cls.models import build_classifier
 from mabn.batch_statistics import BatchStatisticsRecorder
-from mabn.engine.checkpoint import Checkpointer, load_pretrained, load_weights, resume_path
+from mabn.engine.checkpoint import Checkpointer, NonFiniteModelError, load_pretrained, load_weights, resume_path
 from mabn.engine.config import CfgNode, ConfigError
 from mabn.engine.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, wrap_ddp
 from mabn.engine.launch import NonFiniteLossError, autocast, run
@@ -199,10 +199,9 @@ class Progress:
 
 def train_one_epoch(model: nn.Module, criterion, optimizer, scheduler, scaler, loader: DataLoader,
                     sampler: ResumableDistributedSampler, progress: Progress, schedule: Schedule, cfg: CfgNode,
-                    info: DistInfo, log: RunLogger, save, last_good, recorder=None) -> None:
+                    info: DistInfo, log: RunLogger, save, recorder=None) -> None:
     """Train from ``progress`` to the end of its epoch (or of the run), calling ``save()`` every
-    ``CHECKPOINT.PERIOD_STEPS`` steps inside the epoch; ``progress`` moves to the next epoch at its end.
-    ``last_good()`` names the checkpoint a NaN/Inf loss leaves."""
+    ``CHECKPOINT.PERIOD_STEPS`` steps inside the epoch; ``progress`` moves to the next epoch at its end."""
     model.train()
     sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
     window = {"steps": 0, "data": 0.0, "start": time.time()}
@@ -219,7 +218,7 @@ def train_one_epoch(model: nn.Module, criterion, optimizer, scheduler, scaler, l
             loss = criterion(model(images), targets)
         if not all_finite(loss):
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {progress.epoch}, step {progress.step}; stopping. {last_good()}")
+                f"loss is {loss.item()} at epoch {progress.epoch}, step {progress.step}; stopping.")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -340,8 +339,13 @@ def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> d
                 write_json_atomically({**metrics, "finished": False, "total_steps": schedule.total_steps}, metrics_path, indent=2)
         if last:
             break
-        train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, train_loader, sampler, progress, schedule,
-                        cfg, info, log, save, checkpointer.last_good, recorder)
+        try:
+            train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, train_loader, sampler, progress, schedule,
+                            cfg, info, log, save, recorder)
+        except NonFiniteModelError:  # raised by the save, which names the checkpoint it kept
+            raise
+        except NonFiniteLossError as e:  # with the checkpoint that is kept, and its step
+            raise NonFiniteLossError(f"{e} {checkpointer.last_good()}") from None
         save()
     # the final model, then (last: only once everything it vouches for exists) "finished"
     if checkpointer.save_final(metrics):

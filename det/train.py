@@ -328,8 +328,8 @@ def endless_batches(batches: ResumableGroupedBatches, loader: DataLoader, progre
 
 
 def train_step(model: nn.Module, optimizer, scheduler, scaler, images: list, targets: list, progress: Progress,
-               cfg: CfgNode, info: DistInfo, last_good) -> dict:
-    """One SGD iteration; returns the detached losses. ``last_good()`` names the checkpoint a NaN/Inf loss leaves."""
+               cfg: CfgNode, info: DistInfo) -> dict:
+    """One SGD iteration; returns the detached losses."""
     images = [image.to(info.device, non_blocking=True) for image in images]
     targets = [{k: v.to(info.device, non_blocking=True) for k, v in t.items()} for t in targets]
     with autocast(cfg.SOLVER.AMP, info.device):
@@ -338,7 +338,7 @@ def train_step(model: nn.Module, optimizer, scheduler, scaler, images: list, tar
     if not all_finite(loss):
         terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
         raise NonFiniteLossError(
-            f"loss is {loss.item()} at iteration {progress.iter} ({terms}); stopping. {last_good()}")
+            f"loss is {loss.item()} at iteration {progress.iter} ({terms}); stopping.")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -433,8 +433,10 @@ def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> d
         for images, targets in bar:
             window["data"] += time.time() - end
             lr = optimizer.param_groups[0]["lr"]  # this iteration's; the scheduler steps after it
-            losses = train_step(ddp_model, optimizer, scheduler, scaler, images, targets, progress, cfg, info,
-                                checkpointer.last_good)
+            try:
+                losses = train_step(ddp_model, optimizer, scheduler, scaler, images, targets, progress, cfg, info)
+            except NonFiniteLossError as e:  # with the checkpoint that is kept, and its iteration
+                raise NonFiniteLossError(f"{e} {checkpointer.last_good()}") from None
             progress.iter += 1
             progress.batch_in_epoch += 1
             window["iters"] += 1

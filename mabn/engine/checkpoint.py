@@ -24,6 +24,10 @@ from .launch import NonFiniteLossError
 from .output_dir import FINAL_MODEL, write_file_atomically
 
 
+class NonFiniteModelError(NonFiniteLossError):
+    """The model holds NaN/Inf parameters or buffers at a save: not saved; the message names the checkpoint kept."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not hold what is needed; the message names the file."""
 
@@ -312,7 +316,7 @@ class Checkpointer:
         if not all_finite(torch.tensor(0.0 if bad else 1.0, device=self.info.device).log()):  # one all-reduce: every rank stops together
             where = ", ".join(f"{k} {v}" for k, v in counters.items())
             shown = f": {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}" if bad else " on another rank"
-            raise NonFiniteLossError(f"the model holds NaN/Inf values at {where}{shown}; not saved, stopping. "
+            raise NonFiniteModelError(f"the model holds NaN/Inf values at {where}{shown}; not saved, stopping. "
                                      + self.last_good())
         save_training_checkpoint(self.path, self.info.is_main, self.model, self.optimizer, self.scheduler, self.scaler,
                                  counters, self.cfg.dump(), metrics)
