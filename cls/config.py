@@ -67,6 +67,9 @@ _C = CfgNode(
         },
         "CHECKPOINT": {
             "PERIOD_STEPS": non_negative(0),  # also save every this many steps inside an epoch (0: at epoch ends only)
+            # resume although a key that changes what the checkpoint means (the trainer's RESUME_MUST_MATCH) or the
+            # number of processes differs from the run that saved it; without it such a resume is refused, naming the keys
+            "RESUME_CHANGED_CONFIG": False,
         },
         "DIST": {
             "BACKEND": one_of("auto", "nccl", "gloo"),

@@ -12,7 +12,6 @@ it stopped. Everything a run writes goes to ``OUTPUT_DIR``: ``config.yaml`` (the
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -28,14 +27,16 @@ from torch.utils.data import DataLoader, Subset
 
 from cls import transforms as T
 from cls.config import get_default_config
-from cls.datasets import build_dataset
+from cls.datasets import ImageFolderDataset, build_dataset
 from cls.models import build_classifier
 from mabn.batch_statistics import BatchStatisticsRecorder
-from mabn.engine.checkpoint import Checkpointer, load_pretrained, load_weights, resume_path
+from mabn.engine.checkpoint import Checkpointer, NonFiniteModelError, load_pretrained, load_weights, resume_path
 from mabn.engine.config import CfgNode, ConfigError
 from mabn.engine.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, wrap_ddp
 from mabn.engine.launch import NonFiniteLossError, autocast, run
+from mabn.engine.image_files import ImageFileError, check_image_files
 from mabn.engine.logger import RunLogger, progress_bar
+from mabn.engine.output_dir import METRICS_FILE, write_json_atomically
 from mabn.engine.sampling import ResumableDistributedSampler, SeededDataset, evaluation_subset, shard_indices
 from mabn.engine.solver import LRSchedule, build_scheduler, build_sgd, linear_scaled_lr
 from mabn.layers.registry import groupable_norms
@@ -88,6 +89,19 @@ def build_datasets(cfg: CfgNode):
     return train, val
 
 
+def check_val_images(cfg: CfgNode, info: DistInfo, val_set) -> None:
+    """Every validation image this rank will evaluate exists and has a readable header, checked before training (a
+    broken one found at the evaluation would cost the epoch); with DATA.SKIP_CORRUPT broken images are skipped then."""
+    base, indices = (val_set.dataset, val_set.indices) if isinstance(val_set, Subset) else (val_set, range(len(val_set)))
+    if cfg.DATA.SKIP_CORRUPT or not isinstance(base, ImageFolderDataset):
+        return
+    shard = [indices[i] for i in shard_indices(len(indices), info.rank, info.world_size)]
+    try:
+        check_image_files((base.samples[i][0] for i in shard), f"DATA.VAL_SPLIT {cfg.DATA.VAL_SPLIT!r} of DATA.ROOT {cfg.DATA.ROOT!r}")
+    except ImageFileError as e:
+        raise ConfigError(f"{e} (DATA.SKIP_CORRUPT True skips broken images)") from None
+
+
 def build_train_loader(cfg: CfgNode, info: DistInfo, train_set) -> tuple[ResumableDistributedSampler, DataLoader]:
     sampler = ResumableDistributedSampler(len(train_set), cfg.DATA.BATCH_SIZE, info.rank, info.world_size, cfg.SEED)
     workers = cfg.DATA.WORKERS
@@ -111,6 +125,10 @@ MUST_MATCH = "MODEL.ARCH, NORM, CENTERED_CONVS and NUM_CLASSES"  # for a checkpo
 # MODEL.WEIGHTS, which training starts from, may come with any norm (translated) and another number of classes
 FINETUNE_MUST_MATCH = "MODEL.ARCH and IN_CHANNELS must match the run that saved it; norms and the classifier may differ"
 CLASSIFIER = "fc."  # the layer whose shape follows MODEL.NUM_CLASSES, left new when the weights have other classes
+# what a checkpoint means: a resume that changes one of these is refused (unless CHECKPOINT.RESUME_CHANGED_CONFIG)
+RESUME_MUST_MATCH = ("MODEL.ARCH", "MODEL.NUM_CLASSES", "MODEL.IN_CHANNELS", "MODEL.NORM", "MODEL.NORM_BATCH_SIZE",
+                     "MODEL.NORM_OPTIONS", "MODEL.CENTERED_CONVS", "DATA.DATASET", "DATA.BATCH_SIZE", "SOLVER.EPOCHS",
+                     "SOLVER.MAX_STEPS", "SOLVER.LR_SCHEDULE", "SOLVER.LR_STEPS", "SOLVER.WARMUP_EPOCHS")
 
 
 def build_model(cfg: CfgNode) -> nn.Module:
@@ -201,9 +219,7 @@ def train_one_epoch(model: nn.Module, criterion, optimizer, scheduler, scaler, l
             loss = criterion(model(images), targets)
         if not all_finite(loss):
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {progress.epoch}, step {progress.step}; stopping. "
-                f"The last good checkpoint is {os.path.join(cfg.OUTPUT_DIR, 'checkpoint.pth')}"
-            )
+                f"loss is {loss.item()} at epoch {progress.epoch}, step {progress.step}; stopping.")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -276,17 +292,11 @@ def report(metrics: dict, what: str) -> str:
             f"(acc {metrics['top1_acc']:.2f}% / {metrics['top5_acc']:.2f}%) over {metrics['samples']} images")
 
 
-def write_json(values: dict, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(values, f, indent=2)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- the two entry points
 def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> dict:
     # data
     train_set, val_set = build_datasets(cfg)
+    check_val_images(cfg, info, val_set)
     sampler, train_loader = build_train_loader(cfg, info, train_set)
     val_loader = build_val_loader(cfg, info, val_set)
     schedule = build_schedule(cfg, sampler)
@@ -295,29 +305,31 @@ def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> d
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.SOLVER.LABEL_SMOOTHING)
     optimizer, scheduler, scaler, lr = build_optimizer(cfg, info, model, schedule)
     # resume
-    checkpointer = Checkpointer(cfg, info, log, model, optimizer, scheduler, scaler, tuple(asdict(Progress())))
+    checkpointer = Checkpointer(cfg, info, log, model, optimizer, scheduler, scaler, tuple(asdict(Progress())),
+                                RESUME_MUST_MATCH)
     progress, metrics = Progress(), {}
     resume_from = resume_path(cfg.OUTPUT_DIR, resume)
     if resume_from:
         counters, metrics = checkpointer.resume(resume_from)
         progress = Progress(**counters)
+    checkpointer.accept()
     ddp_model = wrap_ddp(model, info)
     recorder = None
     if cfg.STATS.RECORD and info.is_main:
         recorder = BatchStatisticsRecorder(model, log.writer, list(cfg.STATS.LAYERS) or None, cfg.STATS.CHANNEL)
+    metrics_path = os.path.join(cfg.OUTPUT_DIR, METRICS_FILE)
 
     def save() -> None:
         checkpointer.save(asdict(progress), metrics)
 
-    # loop: train an epoch, evaluate, save
+    # loop: evaluate when due (not yet done for this step: a resumed run whose evaluation failed repeats it),
+    # train an epoch, save. The checkpoint is written before the evaluation, so a failing evaluation never costs it.
     log.info(f"training {schedule.total_steps} steps ({schedule.steps_per_epoch} per epoch) at lr {lr:g} "
              f"on {info.world_size} process(es) x {cfg.DATA.BATCH_SIZE} images")
-    while progress.step < schedule.total_steps:
-        train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, train_loader, sampler, progress, schedule,
-                        cfg, info, log, save, recorder)
-        epoch_done = progress.batch_in_epoch == 0
+    while True:
         last = progress.step >= schedule.total_steps
-        if last or (epoch_done and progress.epoch % cfg.TEST.EVAL_PERIOD == 0):
+        epoch_done = progress.step > 0 and progress.batch_in_epoch == 0
+        if (last or (epoch_done and progress.epoch % cfg.TEST.EVAL_PERIOD == 0)) and metrics.get("step") != progress.step:
             if cfg.DIST.AVERAGE_NORM_STATS:
                 average_norm_statistics(model)
             metrics = {**evaluate(model, val_loader, cfg, info, len(val_set), info.is_main and cfg.LOG.PROGRESS),
@@ -325,12 +337,20 @@ def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> d
             log.info(report(metrics, f"eval epoch {progress.epoch}"))
             log.scalars({k: metrics[k] for k in ("top1_err", "top5_err", "top1_acc", "top5_acc", "loss")}, progress.step, "val/")
             if info.is_main:
-                write_json({**metrics, "finished": last, "total_steps": schedule.total_steps},
-                           os.path.join(cfg.OUTPUT_DIR, "metrics.json"))
-        if epoch_done or last:
-            save()
-    # the final model
-    checkpointer.save_final(metrics)
+                write_json_atomically({**metrics, "finished": False, "total_steps": schedule.total_steps}, metrics_path, indent=2)
+        if last:
+            break
+        try:
+            train_one_epoch(ddp_model, criterion, optimizer, scheduler, scaler, train_loader, sampler, progress, schedule,
+                            cfg, info, log, save, recorder)
+        except NonFiniteModelError:  # raised by the save, which names the checkpoint it kept
+            raise
+        except NonFiniteLossError as e:  # with the checkpoint that is kept, and its step
+            raise NonFiniteLossError(f"{e} {checkpointer.last_good()}") from None
+        save()
+    # the final model, then (last: only once everything it vouches for exists) "finished"
+    if checkpointer.save_final(metrics):
+        write_json_atomically({**metrics, "finished": True, "total_steps": schedule.total_steps}, metrics_path, indent=2)
     if recorder is not None:
         recorder.close()
     return metrics
@@ -346,7 +366,7 @@ def test_only(cfg: CfgNode, info: DistInfo, log: RunLogger, checkpoint: str | No
     metrics = evaluate(model, build_val_loader(cfg, info, val_set), cfg, info, len(val_set), info.is_main and cfg.LOG.PROGRESS)
     log.info(report(metrics, path))
     if info.is_main:
-        write_json({**metrics, "checkpoint": os.path.abspath(path)}, os.path.join(cfg.OUTPUT_DIR, "eval.json"))
+        write_json_atomically({**metrics, "checkpoint": os.path.abspath(path)}, os.path.join(cfg.OUTPUT_DIR, "eval.json"), indent=2)
     return metrics
 
 

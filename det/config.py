@@ -92,6 +92,9 @@ _C = CfgNode(
         },
         "CHECKPOINT": {
             "PERIOD": non_negative(5000),  # iterations between checkpoints (OUTPUT_DIR/checkpoint.pth, overwritten); 0: at the end only
+            # resume although a key that changes what the checkpoint means (the trainer's RESUME_MUST_MATCH) or the
+            # number of processes differs from the run that saved it; without it such a resume is refused, naming the keys
+            "RESUME_CHANGED_CONFIG": False,
         },
         "DIST": {
             "BACKEND": one_of("auto", "nccl", "gloo"),

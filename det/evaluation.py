@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -20,6 +18,8 @@ import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from mabn.engine.output_dir import write_json_atomically
 
 IOU_TYPES = ("bbox", "segm")
 # The first six entries of COCOeval.stats, in order.
@@ -169,19 +169,3 @@ def write_json(results: dict[str, dict[str, float]], path: str) -> str:
             payload.update({f"{prefix}_{name}": results[iou_type][name] for name in ("AP", "AP50", "AP75")})
     payload.update(results)
     return write_json_atomically(payload, path, indent=2, sort_keys=True)
-
-
-def write_json_atomically(payload, path: str, **dump_options) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # A reader (or a crash mid-write) never sees a half-written file: write beside it, then rename over it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, **dump_options)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path

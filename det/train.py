@@ -40,7 +40,9 @@ from mabn.engine.checkpoint import Checkpointer, load_pretrained, load_weights, 
 from mabn.engine.config import CfgNode, ConfigError
 from mabn.engine.distributed import DistInfo, all_finite, all_reduce_sum, average_norm_statistics, wrap_ddp
 from mabn.engine.launch import NonFiniteLossError, autocast, run
+from mabn.engine.image_files import ImageFileError, check_image_files
 from mabn.engine.logger import RunLogger, progress_bar
+from mabn.engine.output_dir import METRICS_FILE
 from mabn.engine.sampling import SeededDataset, evaluation_subset, shard_indices
 from mabn.engine.solver import LRSchedule, build_scheduler, build_sgd, linear_scaled_lr
 from mabn.layers.registry import NORMS, is_norm
@@ -94,6 +96,17 @@ def check_categories(reference: CocoDetection, other: CocoDetection) -> None:
 def build_val_set(cfg: CfgNode) -> CocoDetection:
     val_set = coco_set(cfg, "VAL_IMAGES", "VAL_ANNOTATIONS", None, train=False)
     return val_set.subset(evaluation_subset(len(val_set), cfg.TEST.MAX_IMAGES)) if cfg.TEST.MAX_IMAGES else val_set
+
+
+def check_val_images(cfg: CfgNode, info: DistInfo, val_set: CocoDetection) -> None:
+    """Every validation image this rank will evaluate exists, has a readable header and the annotated size, checked
+    before training: a broken one found at the final evaluation would cost the whole run."""
+    images = [val_set.coco.imgs[val_set.ids[i]] for i in shard_indices(len(val_set), info.rank, info.world_size)]
+    try:
+        check_image_files((os.path.join(val_set.image_dir, image["file_name"]) for image in images),
+                          f"DATA.VAL_IMAGES ({val_set.annotation_file})", ((image["width"], image["height"]) for image in images))
+    except ImageFileError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_train_set(cfg: CfgNode, val_set: CocoDetection) -> tuple[torch.utils.data.Dataset, list[int]]:
@@ -309,9 +322,7 @@ def train_step(model: nn.Module, optimizer, scheduler, scaler, images: list, tar
     if not all_finite(loss):
         terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
         raise NonFiniteLossError(
-            f"loss is {loss.item()} at iteration {progress.iter} ({terms}); stopping. "
-            f"The last good checkpoint is {os.path.join(cfg.OUTPUT_DIR, 'checkpoint.pth')}"
-        )
+            f"loss is {loss.item()} at iteration {progress.iter} ({terms}); stopping.")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -340,7 +351,8 @@ def log_window(window: dict, losses: dict, lr: float, progress: Progress, cfg: C
 
 def evaluate_and_report(model: nn.Module, loader: DataLoader, val_set: CocoDetection, progress: Progress, cfg: CfgNode,
                         info: DistInfo, log: RunLogger) -> dict:
-    """Evaluate with the inference statistics of all ranks, log the tables, write ``metrics.json``."""
+    """Evaluate with the inference statistics of all ranks, log the tables, write ``metrics.json`` (not yet
+    finished: that is written once the final model exists)."""
     if cfg.DIST.AVERAGE_NORM_STATS:
         average_norm_statistics(model)
     metrics = evaluate(model, loader, val_set, cfg, info, log, info.is_main and cfg.LOG.PROGRESS)
@@ -349,15 +361,26 @@ def evaluate_and_report(model: nn.Module, loader: DataLoader, val_set: CocoDetec
         log.scalars(metrics[iou_type], progress.iter, f"val/{iou_type}/")
     if info.is_main:
         # metrics.json: box_AP, ..., mask_AP75, the bbox / segm dicts and the progress of the run
-        max_iter = cfg.SOLVER.MAX_ITER
-        write_json({**metrics, "iter": progress.iter, "max_iter": max_iter, "finished": progress.iter >= max_iter},
-                   os.path.join(cfg.OUTPUT_DIR, "metrics.json"))
+        write_metrics(metrics, progress, cfg, finished=False)
     return {**metrics, "iter": progress.iter}
+
+
+def write_metrics(metrics: dict, progress: Progress, cfg: CfgNode, finished: bool) -> None:
+    """``metrics.json``: box_AP, ..., mask_AP75, the bbox / segm dicts and the progress of the run."""
+    write_json({**metrics, "iter": progress.iter, "max_iter": cfg.SOLVER.MAX_ITER, "finished": finished},
+               os.path.join(cfg.OUTPUT_DIR, METRICS_FILE))
+
+
+# what a checkpoint means: a resume that changes one of these is refused (unless CHECKPOINT.RESUME_CHANGED_CONFIG)
+RESUME_MUST_MATCH = ("MODEL.NUM_CLASSES", "MODEL.NORM", "MODEL.NORM_OPTIONS", "MODEL.HEAD_NORM", "MODEL.HEAD_NORM_OPTIONS",
+                     "MODEL.CENTERED_CONVS", "MODEL.TRAINABLE_BACKBONE_LAYERS", "SOLVER.IMS_PER_GPU", "SOLVER.MAX_ITER",
+                     "SOLVER.STEPS", "SOLVER.WARMUP_ITERS")
 
 
 def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> dict:
     # data
     val_set = build_val_set(cfg)
+    check_val_images(cfg, info, val_set)
     train_set, group_ids = build_train_set(cfg, val_set)
     batches, train_loader = build_train_loader(cfg, info, train_set, group_ids)
     val_loader = build_val_loader(cfg, info, val_set)
@@ -368,17 +391,23 @@ def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> d
     torch.manual_seed(cfg.SEED + 1 + info.rank)  # from here on, each rank draws its own RPN / RoI samples
     optimizer, scheduler, scaler, lr = build_optimizer(cfg, info, model)
     # resume
-    checkpointer = Checkpointer(cfg, info, log, model, optimizer, scheduler, scaler, tuple(asdict(Progress())))
+    checkpointer = Checkpointer(cfg, info, log, model, optimizer, scheduler, scaler, tuple(asdict(Progress())),
+                                RESUME_MUST_MATCH)
     progress, metrics = Progress(), {}
     if resume_from:
         counters, metrics = checkpointer.resume(resume_from)
         progress = Progress(**counters)
+    checkpointer.accept()
     ddp_model = wrap_ddp(model, info, cfg.DIST.FIND_UNUSED_PARAMETERS)
 
-    # loop: iterate, evaluating and saving every so often
+    # loop: iterate, saving and evaluating every so often; the checkpoint is written before the evaluation, so that
+    # a failing evaluation never costs it (and a resumed run repeats an evaluation that did not finish)
     max_iter = cfg.SOLVER.MAX_ITER
     log.info(f"training {max_iter} iterations ({batches.batches_per_epoch()} per epoch) at lr {lr:g} "
              f"on {info.world_size} process(es) x {cfg.SOLVER.IMS_PER_GPU} images, norm {cfg.MODEL.NORM}")
+    evaluation_due = lambda: cfg.TEST.EVAL_PERIOD and progress.iter % cfg.TEST.EVAL_PERIOD == 0  # noqa: E731
+    if 0 < progress.iter < max_iter and evaluation_due() and metrics.get("iter") != progress.iter:
+        metrics = evaluate_and_report(model, val_loader, val_set, progress, cfg, info, log)
     train_mode(ddp_model, frozen)
     window = {"iters": 0, "data": 0.0, "start": time.time()}
     end = time.time()
@@ -388,7 +417,10 @@ def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> d
         for images, targets in bar:
             window["data"] += time.time() - end
             lr = optimizer.param_groups[0]["lr"]  # this iteration's; the scheduler steps after it
-            losses = train_step(ddp_model, optimizer, scheduler, scaler, images, targets, progress, cfg, info)
+            try:
+                losses = train_step(ddp_model, optimizer, scheduler, scaler, images, targets, progress, cfg, info)
+            except NonFiniteLossError as e:  # with the checkpoint that is kept, and its iteration
+                raise NonFiniteLossError(f"{e} {checkpointer.last_good()}") from None
             progress.iter += 1
             progress.batch_in_epoch += 1
             window["iters"] += 1
@@ -396,22 +428,24 @@ def train(cfg: CfgNode, info: DistInfo, log: RunLogger, resume: str | None) -> d
                 log_window(window, losses, lr, progress, cfg, info, log)
             if progress.iter >= max_iter:
                 break
-            evaluate_now = cfg.TEST.EVAL_PERIOD and progress.iter % cfg.TEST.EVAL_PERIOD == 0
+            evaluate_now = evaluation_due()
             save_now = cfg.CHECKPOINT.PERIOD and progress.iter % cfg.CHECKPOINT.PERIOD == 0
+            if save_now:
+                checkpointer.save(asdict(progress), metrics)
             if evaluate_now:
                 metrics = evaluate_and_report(model, val_loader, val_set, progress, cfg, info, log)
                 train_mode(ddp_model, frozen)
-            if save_now:
-                checkpointer.save(asdict(progress), metrics)
             if evaluate_now or save_now:  # keep their time out of the iteration times
                 window.update(iters=0, data=0.0, start=time.time())
             end = time.time()
-    # final evaluation (not when rerunning a finished run), checkpoint and model
+    # checkpoint, final evaluation (not when rerunning a run evaluated at this iteration), model, then (last: only
+    # once everything it vouches for exists) "finished"
+    checkpointer.save(asdict(progress), metrics)
     if metrics.get("iter") != progress.iter:
         metrics = evaluate_and_report(model, val_loader, val_set, progress, cfg, info, log)
         train_mode(ddp_model, frozen)
-    checkpointer.save(asdict(progress), metrics)
-    checkpointer.save_final(metrics)
+    if checkpointer.save_final(metrics):
+        write_metrics(metrics, progress, cfg, finished=True)
     return metrics
 
 

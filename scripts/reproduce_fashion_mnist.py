@@ -35,6 +35,8 @@ import paper_tables  # noqa: E402  (sibling scripts)
 from collect_results import plot_error_vs_b  # noqa: E402
 from plot_batch_stats import plot as plot_batch_statistics  # noqa: E402
 
+from mabn.engine.output_dir import run_finished  # noqa: E402
+
 # The table's rows (configs/paper_tables.yaml), each beside the ImageNet row it stands in for.
 TABLE = paper_tables.rows("fashion_mnist")
 # (norm, b, config file under configs/) in the order of the table.
@@ -69,7 +71,7 @@ def run_one(config: str, seed: int, epochs: int, steps: int, directory: str, wor
             metrics = json.load(f)
         if metrics.get("total_steps") != steps:
             raise SystemExit(f"{directory} holds a run of {metrics.get('total_steps')} steps, not {steps}: choose another --out")
-        if metrics.get("finished"):
+        if run_finished(directory):  # the flag and the final model it vouches for
             return metrics
     name = run_name(config)
     args = ["--config", os.path.join(paper_tables.CONFIGS_DIR, config),

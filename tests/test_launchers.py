@@ -16,10 +16,27 @@ def launch(script, *args):
                           env=env, cwd=ROOT, timeout=120)
 
 
-def finished_run(directory):
+def finished_run(directory, final_model=True):
+    """A run directory as a finished run leaves it: ``"finished": true`` in metrics.json beside model_final.pth."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "metrics.json"), "w") as f:
         json.dump({"finished": True, "top1_err": 30.0, "top5_err": 10.0}, f)
+    if final_model:
+        with open(os.path.join(directory, "model_final.pth"), "wb") as f:
+            f.write(b"weights")
+
+
+@pytest.mark.parametrize("final_model,finished", [(True, True), (False, False)])
+def test_a_run_is_finished_only_with_its_final_model(tmp_path, final_model, finished):
+    """The flag alone (a disk-full final save leaves it without model_final.pth) does not make a launcher skip the
+    run; the shell test and mabn.engine.output_dir.run_finished agree."""
+    from mabn.engine.output_dir import run_finished
+
+    finished_run(tmp_path / "run", final_model)
+    result = subprocess.run(["bash", "-c", f"source scripts/torchrun_table.sh && finished {tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
+    assert (result.returncode == 0) is finished, result.stderr
+    assert run_finished(str(tmp_path / "run")) is finished
 
 
 @pytest.fixture

@@ -14,31 +14,57 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from ..transfer import IncompatibleStateDictError, TransferReport, transfer_state_dict
 from .config import ConfigError
-from .distributed import all_gather_objects, average_norm_statistics, barrier
+from .distributed import all_finite, all_gather_objects, average_norm_statistics, barrier
+from .launch import NonFiniteLossError
+from .output_dir import FINAL_MODEL, write_file_atomically
+
+
+class NonFiniteModelError(NonFiniteLossError):
+    """The model holds NaN/Inf parameters or buffers at a save: not saved; the message names the checkpoint kept."""
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not hold what is needed; the message names the file."""
 
 
+class _RecordedWrites:
+    """A file whose first failed write is kept: torch.save reports it as ``inline_container.cc ... unexpected pos``
+    and loses the cause (a full disk), which is what the user needs to hear."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def save_checkpoint(state: dict, path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Write ``state`` to ``path`` atomically; a failure (a full disk) is an :class:`OutputError` naming the file and
+    the cause, and leaves the previous ``path`` as it was."""
+    kept = f"the previous {os.path.basename(path)} is kept" if os.path.isfile(path) else ""
+
+    def write(f):
+        recorded = _RecordedWrites(f)
+        try:
+            torch.save(state, recorded)
+        except RuntimeError:
+            if recorded.error is None:
+                raise
+            raise recorded.error from None
+
+    return write_file_atomically(path, write, binary=True, kept=kept)
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
@@ -163,6 +189,7 @@ class Resumed:
     counters: dict  # the trainer's progress counters, as saved
     metrics: dict
     saved_by: int  # processes that saved the checkpoint
+    config: str  # the resolved config of the run that saved it (YAML)
     exact: bool  # False when saved by another number of processes: rank 0's buffers and RNG state for all
 
     def inexact_note(self, world_size: int) -> str:
@@ -189,7 +216,8 @@ def load_training_checkpoint(path: str, rank: int, world_size: int, model: nn.Mo
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     set_rng_states(own["rng"] if own else state["rng"])
-    return Resumed({k: state[k] for k in counters}, state.get("metrics", {}), len(state.get("ranks", [])), own is not None)
+    return Resumed({k: state[k] for k in counters}, state.get("metrics", {}), len(state.get("ranks", [])),
+                   state.get("config", ""), own is not None)
 
 
 def resume_path(output_dir: str, resume: Optional[str]) -> Optional[str]:
@@ -201,19 +229,47 @@ def resume_path(output_dir: str, resume: Optional[str]) -> Optional[str]:
     return resume
 
 
+ACCEPT_CHANGED_KEY = "CHECKPOINT.RESUME_CHANGED_CONFIG"  # resume even where the keys that give it meaning changed
+
+
+_ABSENT = object()
+
+
+def _at(values: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return _ABSENT
+        values = values[part]
+    return values
+
+
+def changed_keys(saved_config: str, cfg, keys: tuple[str, ...]) -> list[str]:
+    """``KEY: saved -> now`` for each of ``keys`` (a whole section, such as MODEL.NORM_OPTIONS, compares as one value)
+    whose value differs between the saved YAML config and ``cfg``; keys the saved config lacks (an older trainer)
+    are not compared."""
+    saved = (yaml.safe_load(saved_config) or {}) if saved_config else {}
+    now = cfg.to_dict()
+    return [f"{key}: {_at(saved, key)!r} -> {_at(now, key)!r}" for key in keys
+            if _at(saved, key) is not _ABSENT and _at(saved, key) != _at(now, key)]
+
+
 class Checkpointer:
     """Saves and restores the training state of one run, as detectron2's ``Checkpointer`` does: it is given the
     objects it keeps (model, optimizer, scheduler, scaler) and reads nothing else of the trainer.
 
     Counters (the trainer's progress: step, epoch, ...) and metrics are passed to :meth:`save` and returned by
-    :meth:`resume` as dicts, so that each trainer keeps its own names for them.
+    :meth:`resume` as dicts, so that each trainer keeps its own names for them. ``must_match``: the config keys that
+    change what a checkpoint means (model, norm, b, batch size, schedule); a resume where one of them, or the number
+    of processes, changed is refused unless ``CHECKPOINT.RESUME_CHANGED_CONFIG`` is set.
     """
 
-    def __init__(self, cfg, info, log, model: nn.Module, optimizer, scheduler, scaler, counters: tuple[str, ...]):
+    def __init__(self, cfg, info, log, model: nn.Module, optimizer, scheduler, scaler, counters: tuple[str, ...],
+                 must_match: tuple[str, ...] = ()):
         self.cfg, self.info, self.log = cfg, info, log
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.counters = counters
+        self.counters, self.must_match = counters, must_match
         self.path = os.path.join(cfg.OUTPUT_DIR, "checkpoint.pth")
+        self.saved: Optional[dict] = None  # the counters of the checkpoint at self.path, once saved or resumed
 
     def resume(self, path: str) -> tuple[dict, dict]:
         """Restore everything from ``path``; returns ``(counters, metrics)``. Errors are config errors naming ``--resume``."""
@@ -222,23 +278,59 @@ class Checkpointer:
                                                self.scheduler, self.scaler, self.counters, self.info.device)
         except (FileNotFoundError, CheckpointError) as e:
             raise ConfigError(f"--resume: {e}") from None
+        changed = changed_keys(resumed.config, self.cfg, self.must_match)
+        if resumed.saved_by and resumed.saved_by != self.info.world_size:
+            changed.append(f"number of processes: {resumed.saved_by} -> {self.info.world_size}")
+        if changed and not self.cfg.CHECKPOINT.RESUME_CHANGED_CONFIG:
+            raise ConfigError(f"--resume: {path} was saved by a run with another configuration; changed: "
+                              + "; ".join(changed) + f". Use another OUTPUT_DIR, or set {ACCEPT_CHANGED_KEY} True to "
+                              "resume anyway")
+        if changed:
+            self.log.info(f"resuming with a changed configuration ({ACCEPT_CHANGED_KEY}): " + "; ".join(changed))
         self.log.info(f"resumed from {path} at " + ", ".join(f"{k} {v}" for k, v in resumed.counters.items()))
         if not resumed.exact:
             self.log.info(resumed.inexact_note(self.info.world_size))
+        if os.path.abspath(path) == os.path.abspath(self.path):
+            self.saved = resumed.counters
         return resumed.counters, resumed.metrics
 
+    def accept(self) -> None:
+        """The run is accepted (config checked, data found, checkpoint resumed): now, and only now, its resolved
+        config replaces ``OUTPUT_DIR/config.yaml``, so that a refused rerun leaves the directory's config as it was."""
+        if self.info.is_main:
+            write_file_atomically(os.path.join(self.cfg.OUTPUT_DIR, "config.yaml"), lambda f: f.write(self.cfg.dump()))
+
+    def last_good(self) -> str:
+        """Which checkpoint a stopped run leaves, for the message that stops it."""
+        if self.saved is None:
+            return f"No checkpoint was saved yet in {self.cfg.OUTPUT_DIR}"
+        return f"The last good checkpoint is {self.path}, from " + ", ".join(f"{k} {v}" for k, v in self.saved.items())
+
+    def non_finite_state(self) -> list[str]:
+        """The parameters and buffers of this rank's model that hold NaN or Inf."""
+        return [name for name, value in self.model.state_dict().items()
+                if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
     def save(self, counters: dict, metrics: dict) -> None:
-        """Write ``OUTPUT_DIR/checkpoint.pth`` (a collective: every rank calls it)."""
+        """Write ``OUTPUT_DIR/checkpoint.pth`` (a collective: every rank calls it). A model with a non-finite parameter
+        or buffer on any rank is never saved: the previous checkpoint stays, and the run stops (NonFiniteLossError)."""
         if self.cfg.DIST.AVERAGE_NORM_STATS:
             average_norm_statistics(self.model)
+        bad = self.non_finite_state()
+        if not all_finite(torch.tensor(0.0 if bad else 1.0, device=self.info.device).log()):  # one all-reduce: every rank stops together
+            where = ", ".join(f"{k} {v}" for k, v in counters.items())
+            shown = f": {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}" if bad else " on another rank"
+            raise NonFiniteModelError(f"the model holds NaN/Inf values at {where}{shown}; not saved, stopping. "
+                                     + self.last_good())
         save_training_checkpoint(self.path, self.info.is_main, self.model, self.optimizer, self.scheduler, self.scaler,
                                  counters, self.cfg.dump(), metrics)
+        self.saved = dict(counters)
 
     def save_final(self, metrics: dict) -> Optional[str]:
         """``OUTPUT_DIR/model_final.pth``: the weights, the resolved config and the final metrics (rank 0 writes)."""
         if not self.info.is_main:
             return None
-        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        final = os.path.join(self.cfg.OUTPUT_DIR, FINAL_MODEL)
         save_checkpoint({"model": self.model.state_dict(), "config": self.cfg.dump(), "metrics": metrics}, final)
         self.log.info(f"saved {final}")
         return final

@@ -4,9 +4,11 @@
 
 detectron2's spellings work too (``--config-file``, ``--eval-only``), and flags may also follow the ``KEY VALUE``
 overrides. ``--print-config`` prints every config key with its value (the defaults, then the file and the
-overrides) and exits. Exit codes: 0 done, 2 a configuration or input that cannot be used (the message names
-it), 3 a NaN/Inf loss (the last good checkpoint is kept); anything else propagates, and torchrun stops the
-other ranks.
+overrides) and exits. A training run holds ``OUTPUT_DIR`` (:class:`mabn.engine.output_dir.OutputDirLock`): a
+second trainer on it is refused. Exit codes: 0 done, 2 a configuration, input or output that cannot be used
+(the message names it: a bad key, a missing file, an OUTPUT_DIR in use, a full disk), 3 a NaN/Inf loss or
+model (the last good checkpoint is kept, and named); anything else propagates, and torchrun stops the other
+ranks.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from .config import CfgNode, ConfigError, load_config
 from .distributed import DistInfo, cleanup, init_distributed, local_rank_from_argv
 from .logger import RunLogger
+from .output_dir import OutputDirLock, OutputDirLockedError, OutputError
 
 # What a config key looks like (OUTPUT_DIR, SOLVER.BASE_LR): a word after --resume that looks like one and is no
 # file is the first override, not the checkpoint to resume from.
@@ -98,21 +101,29 @@ def run(
         print(f"config error: {e}", file=sys.stderr)
         return 2
     info = init_distributed(cfg.DEVICE, cfg.DIST.BACKEND, cfg.DIST.TIMEOUT_MINUTES)
-    log = RunLogger(cfg.OUTPUT_DIR, enabled=info.is_main)
+    lock = None
+    log = None
     try:
-        if info.is_main:
-            cfg.save(os.path.join(cfg.OUTPUT_DIR, "config_test.yaml" if args.test_only else "config.yaml"))
+        if info.is_main and not args.test_only:
+            lock = OutputDirLock(cfg.OUTPUT_DIR).acquire()
+        log = RunLogger(cfg.OUTPUT_DIR, enabled=info.is_main)
+        if info.is_main and args.test_only:  # a training run writes config.yaml once it is accepted (Checkpointer.accept)
+            cfg.save(os.path.join(cfg.OUTPUT_DIR, "config_test.yaml"))
         log.config(cfg, () if args.test_only else metrics)
         if args.test_only:
             test(cfg, info, log, args.checkpoint)
         else:
             train(cfg, info, log, args.resume)
         return 0
-    except (NonFiniteLossError, ConfigError) as e:
-        log.info(f"error: {e}")
-        if not info.is_main:
+    except (NonFiniteLossError, ConfigError, OutputError, OutputDirLockedError) as e:
+        if log is not None:
+            log.info(f"error: {e}")
+        if log is None or not info.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 3 if isinstance(e, NonFiniteLossError) else 2
     finally:
-        log.close()
+        if log is not None:
+            log.close()
+        if lock is not None:
+            lock.release()
         cleanup()
