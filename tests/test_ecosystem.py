@@ -1,7 +1,6 @@
 """Misuse warnings, folding to pure torch, and MABN seen by code written for BatchNorm (issue 12, items 2, 4-6)."""
 import copy
 import logging
-import os
 import warnings
 
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 
 import mabn
 from mabn.layers import fused
-from mabn.norm_inputs import CONCATENATION, CONV, UNKNOWN, norm_inputs
+from mabn.norm_inputs import CONCATENATION, CONV, NormInput, norm_inputs
 
 MABN_OPTIONS = {"buffer_size": 2, "warmup_iters": 1, "renorm_warmup_iters": 1}
 
@@ -62,7 +61,7 @@ class _Branching(nn.Module):
 
 def test_where_tracing_fails_children_are_traced_and_registration_order_decides():
     model = _Branching()
-    assert norm_inputs(model) == {"bn": mabn.norm_inputs.NormInput(CONV, "conv"), "block.1": mabn.norm_inputs.NormInput(CONV, "block.0")}
+    assert norm_inputs(model) == {"bn": NormInput(CONV, "conv"), "block.1": NormInput(CONV, "block.0")}
     mabn.convert_model(model, norm="mabn", conv="cen")
     assert _centered(model) == {"conv", "block.0"}
 
