@@ -122,9 +122,10 @@ def test_a_norm_after_no_conv_becomes_an_identical_torch_batch_norm():
         torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
 
 
-def test_jit_script_of_a_converted_model_says_to_fold_or_export():
-    model = mabn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), norm="mabn", conv="cen")
-    with pytest.raises(RuntimeError, match=r"MABN2d cannot be compiled by torch.jit.script .* fold the model first .* torch.export"):
+@pytest.mark.parametrize("norm,layer", [("mabn", "MABN2d"), ("brn", "BatchRenorm2d"), ("bn", "BatchNorm2d")])
+def test_jit_script_of_a_converted_model_says_to_fold_or_export(norm, layer):
+    model = mabn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), norm=norm, conv="cen")
+    with pytest.raises(RuntimeError, match=layer + r" cannot be compiled by torch.jit.script .* fold the model first .* torch.export"):
         torch.jit.script(model)
     scripted = torch.jit.script(mabn.fold_model(model))
     x = torch.randn(1, 3, 6, 6)

@@ -5,7 +5,8 @@
   would silently train on rank 0's statistics. The layer checks once, in its first training forward, whether
   a ``DistributedDataParallel`` that broadcasts buffers is running it: that sees the user's own wrap too,
   not only the trainers' (``mabn.engine.distributed.wrap_ddp`` passes ``broadcast_buffers=False``).
-* TorchScript cannot compile the training step (a Python autograd function around compiled graphs).
+* TorchScript cannot compile the training steps (Python around autograd functions and compiled graphs):
+  :class:`NotScriptable` makes ``torch.jit.script`` of a model holding such a layer say what works instead.
 """
 from __future__ import annotations
 
@@ -18,10 +19,18 @@ from torch import nn
 
 def not_scriptable(layer: str) -> str:
     return (
-        f"{layer} cannot be compiled by torch.jit.script (its training step is a Python autograd function). "
+        f"{layer} cannot be compiled by torch.jit.script (its training step is Python that TorchScript cannot compile). "
         "For inference, fold the model first (mabn.fold_model(model) leaves only torch modules, which script), "
         "or export it with torch.export.export(model.eval(), (example_input,))."
     )
+
+
+class NotScriptable:
+    """Mixin: ``torch.jit.script`` calls ``__prepare_scriptable__`` on every submodule before compiling; fail there
+    with a way out instead of a TorchScript error deep in the training step."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(not_scriptable(type(self).__name__))
 
 
 def _running_ddp(layer: nn.Module):

@@ -31,7 +31,7 @@ from torch import nn
 
 from .functional import MovingAverageStatistics, Plan, check_norm_batch_size, num_groups, train_step
 from .fused import check_backend, select
-from .misuse import not_scriptable, warn_if_buffers_broadcast
+from .misuse import NotScriptable, warn_if_buffers_broadcast
 
 WARMUPS = ("formal", "classification")
 
@@ -51,7 +51,7 @@ def _recomputing_in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class MovingAverageBatchNorm(nn.Module):
+class MovingAverageBatchNorm(NotScriptable, nn.Module):
     """The MABN family's base class (``isinstance(m, MovingAverageBatchNorm)`` finds MABN1d, 2d and 3d)."""
 
     _input_ranks: tuple[int, ...] = ()
@@ -204,10 +204,6 @@ class MovingAverageBatchNorm(nn.Module):
         if self.affine:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
-
-    def __prepare_scriptable__(self):
-        # torch.jit.script calls this on every submodule first: fail with a way out, not a TorchScript trace.
-        raise RuntimeError(not_scriptable(type(self).__name__))
 
     def __getstate__(self):
         # The pending-backward weakref and the last plan belong to one live autograd graph, not to the model.

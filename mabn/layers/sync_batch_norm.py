@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules._functions import SyncBatchNorm as _native_sync_batch_norm  # the Function behind nn.SyncBatchNorm
 
+from .misuse import NotScriptable
+
 
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     from torch.distributed.nn.functional import all_reduce
@@ -23,7 +25,7 @@ def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     return all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
-class SyncBatchNorm(nn.BatchNorm2d):
+class SyncBatchNorm(NotScriptable, nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
