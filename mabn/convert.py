@@ -18,7 +18,7 @@ from torch import nn
 
 from .layers.cen_conv import CenConv2d
 from .layers.moving_average_bn import MovingAverageBatchNorm
-from .layers.registry import build_norm, converts_from, uses_batch_statistics
+from .layers.registry import build_norm, converts_from
 from .norm_inputs import ACTIVATION, CONCATENATION, CONV, POOLING, norm_inputs
 from .transfer import STATISTICS, transfer_state_dict
 
@@ -31,20 +31,16 @@ def convert_model(
     conv_filter: Optional[Callable[[str, nn.Conv2d], bool]] = None,
 ) -> nn.Module:
     """Replace, in place, every 2d batch norm by ``build_norm(norm, C, **norm_options)`` and, with
-    ``conv='cen'``, every ``nn.Conv2d`` whose output feeds a batch-statistics norm (BN, BRN, MABN; found as
-    :mod:`mabn.norm_inputs` describes, also where tracing fails) and for which ``conv_filter(name, module)``
-    is true by a :class:`~mabn.CenConv2d`; convs no norm follows (squeeze-excitation, RPN and head convs) stay
-    plain. ``norm=None`` leaves the norms alone. Warns, naming the layers, where an MABN with reduced
+    ``conv='cen'``, every ``nn.Conv2d`` whose output feeds a norm (found as :mod:`mabn.norm_inputs`
+    describes, also where tracing fails) and for which ``conv_filter(name, module)`` is true by a
+    :class:`~mabn.CenConv2d`; convs no norm follows (squeeze-excitation, RPN and head convs) stay plain. ``norm=None`` leaves the norms alone. Warns, naming the layers, where an MABN with reduced
     statistics ends up after a conv that is not weight-centered, a ReLU, a pooling or a concatenation.
     Returns ``model``."""
     if conv not in (None, "plain", "cen"):
         raise ValueError(f"conv must be None, 'plain' or 'cen', got {conv!r}")
     norm_options = dict(norm_options or {})
     inputs = norm_inputs(model)
-    normed_convs = {
-        source.conv for name, source in inputs.items()
-        if source.conv is not None and uses_batch_statistics(model.get_submodule(name))
-    }
+    normed_convs = {source.conv for source in inputs.values() if source.conv is not None}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full_name = f"{name}.{child_name}" if name else child_name

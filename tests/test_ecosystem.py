@@ -38,6 +38,8 @@ def test_cen_centers_only_the_convs_a_norm_follows():
     model = nn.Sequential(_SqueezeExcite(4), nn.Conv2d(4, 3, 1))
     mabn.convert_model(model, norm="mabn", conv="cen")
     assert _centered(model) == {"0.conv"}
+    with_group_norm = mabn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1)), conv="cen")
+    assert _centered(with_group_norm) == {"0"}  # weight centering before any norm (GN + WS) is the user's choice
     effnet = torchvision.models.efficientnet_b0()
     mabn.convert_model(effnet, norm="mabn", conv="cen")
     plain = [m for m in effnet.modules() if type(m) is nn.Conv2d]
