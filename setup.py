@@ -13,9 +13,11 @@ setup(
     description="Moving Average Batch Normalization (ICLR 2020): layers, baselines and trainers",
     python_requires=">=3.10",
     packages=find_packages(include=["mabn", "mabn.*"]),
+    # The range the layer tests pass on (README, "Installation"): oldest tested torch 2.9.1 / torchvision 0.24.1.
+    # The project's own environment pins exact versions in constraints.txt (scripts/setup.sh).
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
+        "torch>=2.9.1,<2.15",
+        "torchvision>=0.24.1,<0.30",
     ],
     extras_require={
         "train": [

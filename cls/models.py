@@ -70,7 +70,7 @@ def build_classifier(
     zero_init_residual: bool = False,
 ) -> nn.Module:
     """A classifier whose every norm is ``build_norm(norm, C, **norm_options)`` and, with
-    ``centered_convs``, every conv a :class:`~mabn.CenConv2d`."""
+    ``centered_convs``, every conv that feeds a norm a :class:`~mabn.CenConv2d`."""
     norm_layer = _norm_layer(norm, norm_options)
     if arch in ("resnet50", "resnet18"):
         model = getattr(torchvision.models, arch)(num_classes=num_classes, norm_layer=norm_layer, zero_init_residual=zero_init_residual)

@@ -61,8 +61,8 @@ def build_mask_rcnn(
             only (see ``IMAGE_BATCH_OPTIONS``). An option that no norm in use accepts is an error, and so is
             one that the body and head norms read differently (``mabn.option_meaning``: ``momentum`` is
             MABN's EMA keep-rate but BN's and BRN's update rate): give the heads theirs in ``head_norm_options``.
-        centered_convs: make every conv of the body, FPN, box head and mask head a ``mabn.CenConv2d``
-            (default: exactly when ``norm == 'mabn'``). The RPN head and the mask predictor stay plain.
+        centered_convs: make every conv of the body, FPN, box head and mask head that feeds a norm a
+            ``mabn.CenConv2d`` (default: exactly when ``norm == 'mabn'``). The RPN head and the mask predictor stay plain.
         head_norm: norm of the FPN and the box / mask heads (default: ``norm``, except none for
             'frozenbn', whose statistics only exist where pretrained weights provide them). ``'none'``:
             no norm there (the convs then carry a bias).

@@ -13,10 +13,11 @@ from .authors_checkpoint import load_authors_state_dict
 from .batch_statistics import BatchStatisticsRecorder
 from .convert import convert_model
 from .fold import fold_model
+from .inference_statistics import update_bn
 from .layers import *  # noqa: F401,F403  (the layers and the norm registry, as listed in mabn.layers.__all__)
 from .transfer import TransferReport, transfer_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [*layers.__all__, "BatchStatisticsRecorder", "convert_model", "fold_model", "load_authors_state_dict",
-           "TransferReport", "transfer_state_dict"]
+           "TransferReport", "transfer_state_dict", "update_bn"]

@@ -16,7 +16,9 @@ import torch.fx
 from torch import nn
 
 from .layers.cen_conv import CenConv2d, centered_weight
-from .layers.registry import is_foldable, norm_type
+from .layers.moving_average_bn import MABN1d, MABN3d
+from .layers.registry import is_foldable
+from .norm_inputs import traced_parts
 
 
 def inference_affine(norm: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -31,22 +33,16 @@ def inference_affine(norm: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tens
     return scale.detach(), (bias - mean * scale).detach()
 
 
-class _LeafTracer(torch.fx.Tracer):
-    """Keeps norms and convs opaque: only how they are wired matters here."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return norm_type(m) is not None or isinstance(m, nn.Conv2d) or super().is_leaf_module(m, qualname)
-
-
-def find_conv_norm_pairs(module: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
+def find_conv_norm_pairs(module: nn.Module) -> list[tuple[str, str]]:
     """Qualified names ``(conv, norm)`` where the conv's output feeds only that norm, each used once."""
-    try:
-        graph = _LeafTracer().trace(module)
-    except Exception:  # data-dependent control flow: look one level down
-        pairs = []
-        for name, child in module.named_children():
-            pairs += find_conv_norm_pairs(child, f"{prefix}{name}.")
-        return pairs
+    pairs = []
+    for prefix, part, graph in traced_parts(module):
+        if graph is not None:
+            pairs += [(prefix + conv, prefix + norm) for conv, norm in _pairs_in(part, graph)]
+    return pairs
+
+
+def _pairs_in(module: nn.Module, graph: torch.fx.Graph) -> list[tuple[str, str]]:
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -64,7 +60,7 @@ def find_conv_norm_pairs(module: nn.Module, prefix: str = "") -> list[tuple[str,
             and calls[source.target] == 1
             and calls[node.target] == 1
         ):
-            pairs.append((prefix + source.target, prefix + node.target))
+            pairs.append((source.target, node.target))
     return pairs
 
 
@@ -94,9 +90,32 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+@torch.no_grad()
+def _plain_batch_norm(norm: nn.Module) -> nn.modules.batchnorm._BatchNorm:
+    """The torch BatchNorm (eval mode) that computes what ``norm`` computes in eval mode: the same
+    ``F.batch_norm`` call on the same statistics, so the result is identical."""
+    kind = nn.BatchNorm1d if isinstance(norm, MABN1d) else nn.BatchNorm3d if isinstance(norm, MABN3d) else nn.BatchNorm2d
+    weight = getattr(norm, "weight", None)
+    plain = kind(norm.num_features, eps=norm.eps, affine=weight is not None,
+                 device=norm.running_var.device, dtype=norm.running_var.dtype).eval()
+    plain.running_var.copy_(norm.running_var)
+    mean = getattr(norm, "running_mean", None)
+    plain.running_mean.copy_(mean if mean is not None else torch.zeros_like(norm.running_var))
+    if weight is not None:
+        plain.weight.copy_(weight)
+        plain.bias.copy_(norm.bias)
+    return plain
+
+
+def _is_ours(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "mabn"
+
+
 def fold_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for inference (eval mode) in which every conv + foldable norm pair is one
-    ``nn.Conv2d`` with bias and every remaining :class:`~mabn.CenConv2d` is a plain ``nn.Conv2d``."""
+    ``nn.Conv2d`` with bias, every remaining :class:`~mabn.CenConv2d` is a plain ``nn.Conv2d``, and every
+    remaining norm of this package (one that follows no conv: densenet's norms after a concatenation) is a
+    torch ``nn.BatchNorm{1,2,3}d`` in eval mode holding its inference statistics. The result needs no ``mabn``."""
     folded = copy.deepcopy(model).eval()
     for conv_name, norm_name in find_conv_norm_pairs(folded):
         affine = inference_affine(folded.get_submodule(norm_name))
@@ -107,4 +126,6 @@ def fold_model(model: nn.Module) -> nn.Module:
     for name, module in list(folded.named_modules()):
         if isinstance(module, CenConv2d):
             _set_submodule(folded, name, _folded_conv(module, None))
+        elif _is_ours(module) and is_foldable(module):
+            _set_submodule(folded, name, _plain_batch_norm(module))
     return folded

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything this project needs on a fresh machine; fast and harmless when already done.
-#   1. .venv with the pinned torch / torchvision and this package (editable, with the train and test extras);
+#   1. .venv with the torch / torchvision pinned in constraints.txt and this package (editable, with the train and test extras);
 #   2. the offline datasets of the Debian packages dataset-fashion-mnist (the real-data reproduction)
 #      and labelme-examples (a tiny real COCO-format set), when they are missing and apt can install them.
 set -euo pipefail
@@ -12,10 +12,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 # Reinstall only when the package definition changed.
-stamp=".venv/.mabn-installed-$(sha1sum setup.py | cut -c1-12)"
+stamp=".venv/.mabn-installed-$(cat setup.py constraints.txt | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing the package and its dependencies into .venv"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[train,test]'
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,test]'
   touch "$stamp"
 fi
 

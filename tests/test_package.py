@@ -41,6 +41,24 @@ def test_the_wheel_holds_only_mabn_and_requires_only_torch_and_torchvision(tmp_p
     assert unconditional == ["torch", "torchvision"]
     train_extra = {r.split(";")[0].strip() for r in requires if "extra == \"train\"" in r}
     assert {"pyyaml", "tqdm", "tensorboard", "pycocotools"} <= {r.split("=")[0].split(">")[0] for r in train_extra}
+    _assert_a_range_that_holds_the_pinned_versions([r for r in requires if "extra ==" not in r])
+
+
+def _assert_a_range_that_holds_the_pinned_versions(requires):
+    # pip install of the library must keep a user's torch: a range, which holds the project's own pins
+    from packaging.requirements import Requirement
+
+    pins = {}
+    with open(os.path.join(ROOT, "constraints.txt")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                name, version = line.strip().split("==")
+                pins[name] = version
+    assert set(pins) == {"torch", "torchvision"}
+    for text in requires:
+        requirement = Requirement(text)
+        assert "==" not in str(requirement.specifier), text
+        assert requirement.specifier.contains(pins[requirement.name]), (text, pins)
 
 
 def test_nothing_in_the_repository_points_outside_it():

@@ -16,8 +16,9 @@ from torch import nn
 from .functional import BatchStatistics, check_batch_norm_options, check_norm_batch_size, num_groups, train_step
 from .fused import check_backend, select
 from .nonfinite import SkipWarning, register_counter
+from .misuse import NotScriptable
 
-class BatchNorm2d(nn.BatchNorm2d):
+class BatchNorm2d(NotScriptable, nn.BatchNorm2d):
     def __init__(
         self,
         num_features: int,

@@ -18,9 +18,10 @@ from torch import nn
 from .functional import RenormStatistics, check_norm_batch_size, num_groups, train_step
 from .fused import check_backend, select
 from .nonfinite import SkipWarning, register_counter
+from .misuse import NotScriptable
 
 
-class BatchRenorm2d(nn.Module):
+class BatchRenorm2d(NotScriptable, nn.Module):
     def __init__(
         self,
         num_features: int,

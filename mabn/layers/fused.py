@@ -25,6 +25,7 @@ warning. The environment variable ``MABN_BACKEND`` overrides ``'auto'`` for a wh
 """
 from __future__ import annotations
 
+import logging
 import os
 import types
 import warnings
@@ -38,6 +39,28 @@ from .functional import REFERENCE, Backend, BatchStatistics, Plan, accumulation_
 # variants in a process mixing 1d/2d/3d layers and precisions); dynamo's default of 8 per function is too low.
 _RECOMPILE_LIMIT = 64
 _GRAPHS: dict = {}
+
+
+_LOG = logging.getLogger("mabn")
+FIRST_COMPILE_MESSAGE = (
+    "mabn: compiling the fused normalization kernels with torch.compile (once per process and layer configuration; "
+    "the first training step takes about 15-40 s longer, the first channels_last input as long again). "
+    "MABN_BACKEND=reference (or backend='reference') runs the uncompiled reference path instead."
+)
+
+
+class _NoCudaRuntimeNotice(logging.Filter):
+    """torch.utils.cpp_extension, which torch.compile imports, logs "No CUDA runtime is found, using CUDA_HOME=..."
+    on every CPU machine that has a CUDA toolkit installed: noise for code that compiles no CUDA extension."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _announce_first_compile() -> None:
+    if not _GRAPHS:
+        _LOG.warning(FIRST_COMPILE_MESSAGE)
+        logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaRuntimeNotice())
 
 
 class _Graph:
@@ -57,6 +80,8 @@ class _Graph:
 
     def __init__(self, fn):
         import torch._dynamo
+
+        _announce_first_compile()
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
         self._fn = fn

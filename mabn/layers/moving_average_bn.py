@@ -31,6 +31,7 @@ from torch import nn
 
 from .functional import MovingAverageStatistics, Plan, check_norm_batch_size, num_groups, train_step
 from .fused import check_backend, select
+from .misuse import NotScriptable, warn_if_buffers_broadcast
 from .nonfinite import SkipWarning, register_counter
 
 WARMUPS = ("formal", "classification")
@@ -51,7 +52,7 @@ def _recomputing_in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class MovingAverageBatchNorm(nn.Module):
+class MovingAverageBatchNorm(NotScriptable, nn.Module):
     """The MABN family's base class (``isinstance(m, MovingAverageBatchNorm)`` finds MABN1d, 2d and 3d)."""
 
     _input_ranks: tuple[int, ...] = ()
@@ -167,28 +168,53 @@ class MovingAverageBatchNorm(nn.Module):
             self.register_parameter("bias", None)
 
         full = not reduced_stats
-        # The classification release seeds the chi^2 window with ones (and Psi with zeros).
-        seed = torch.ones if warmup == "classification" else torch.zeros
-        self.register_buffer("running_var", torch.ones(num_features, **factory))
-        self.register_buffer("running_mean", torch.zeros(num_features, **factory) if full else None)
-        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer("num_norm_batches", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("running_var", torch.empty(num_features, **factory))
+        self.register_buffer("running_mean", torch.empty(num_features, **factory) if full else None)
+        self.register_buffer("num_steps", torch.empty((), dtype=torch.long, device=device))
+        self.register_buffer("num_norm_batches", torch.empty((), dtype=torch.long, device=device))
         # Windows hold the last m per-normalization-batch statistics, oldest first.
-        self.register_buffer("window_var", seed(buffer_size, num_features, **factory))
-        self.register_buffer("window_mean", torch.zeros(buffer_size, num_features, **factory) if full else None)
-        self.register_buffer("window_psi", torch.zeros(buffer_size, num_features, **factory))
-        self.register_buffer("window_grad_mean", torch.zeros(buffer_size, num_features, **factory) if full else None)
+        self.register_buffer("window_var", torch.empty(buffer_size, num_features, **factory))
+        self.register_buffer("window_mean", torch.empty(buffer_size, num_features, **factory) if full else None)
+        self.register_buffer("window_psi", torch.empty(buffer_size, num_features, **factory))
+        self.register_buffer("window_grad_mean", torch.empty(buffer_size, num_features, **factory) if full else None)
         register_counter(self, device)
         self._skip_warning = SkipWarning()
+        self.reset_parameters()
 
         self._last_plan: Optional[tuple[int, Plan]] = None
         self._pending: Optional[weakref.ref] = None
+        self._wrapping_checked = False
+
+    # The attributes and methods of nn.modules.batchnorm._BatchNorm that ecosystem helpers use (README, "MABN
+    # and code written for BatchNorm"). MABN always keeps inference statistics.
+    track_running_stats = True
+
+    def reset_running_stats(self) -> None:
+        """Back to a fresh layer's statistics: nu = 1 (and mean 0), empty windows, step counters at 0."""
+        self.running_var.fill_(1.0)
+        self.num_steps.zero_()
+        self.num_norm_batches.zero_()
+        # The classification release seeds the chi^2 window with ones (and Psi with zeros).
+        self.window_var.fill_(1.0 if self.warmup == "classification" else 0.0)
+        self.window_psi.zero_()
+        self.num_nonfinite_skipped.zero_()
+        for buffer in (self.running_mean, self.window_mean, self.window_grad_mean):
+            if buffer is not None:
+                buffer.zero_()
+
+    def reset_parameters(self) -> None:
+        """Statistics reset and gamma = 1, beta = 0, as ``nn.BatchNorm2d.reset_parameters``."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
 
     def __getstate__(self):
         # The pending-backward weakref and the last plan belong to one live autograd graph, not to the model.
         state = self.__dict__.copy()
         state["_pending"] = None
         state["_last_plan"] = None
+        state["_wrapping_checked"] = False  # a copy may be wrapped differently
         return state
 
     # ------------------------------------------------------------------ forward
@@ -199,6 +225,9 @@ class MovingAverageBatchNorm(nn.Module):
         if x.shape[0] == 0:
             # e.g. a mask head that received no RoI: nothing to normalize, nothing to learn from.
             return self._inference(x)
+        if not self.__dict__.get("_wrapping_checked", False):  # (absent in layers pickled before it existed)
+            self._wrapping_checked = True
+            warn_if_buffers_broadcast(self)
         groups = num_groups(type(self).__name__, x.shape[0], self.norm_batch_size)
         plan = None
         if _recomputing_in_backward():

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules._functions import SyncBatchNorm as _native_sync_batch_norm  # the Function behind nn.SyncBatchNorm
 
 from .functional import check_batch_norm_options
+from .misuse import NotScriptable
 
 
 def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
@@ -25,7 +26,7 @@ def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
     return all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
-class SyncBatchNorm(nn.BatchNorm2d):
+class SyncBatchNorm(NotScriptable, nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None):
         check_batch_norm_options(type(self).__name__, eps, momentum)
