@@ -15,7 +15,7 @@ from det.model import build_mask_rcnn
 from det.roi_heads import box_regression_loss
 from det.rpn import TORCHVISION_BETA, best_over_batch, inside_image
 from det.train import build_optimizer, check_config
-from mabn.engine.config import load_config
+from mabn.engine.config import ConfigError, load_config
 from mabn.engine.distributed import DistInfo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +69,13 @@ def test_defaults_are_torchvision_behaviour():
     m, s = cfg.MODEL, cfg.SOLVER
     assert (s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS, m.HEAD_INIT, m.RESNETS.STRIDE_IN_1X1) == (1.0, None, "torchvision", False)
     assert (m.RPN.SMOOTH_L1_BETA, m.ROI_HEADS.SMOOTH_L1_BETA, m.RPN.POST_NMS_PER_BATCH, m.RPN.STRADDLE_THRESH) == (1 / 9, 1 / 9, False, -1.0)
+
+
+@pytest.mark.parametrize("key", ["MODEL.RPN.SMOOTH_L1_BETA", "MODEL.ROI_HEADS.SMOOTH_L1_BETA", "SOLVER.BIAS_LR_FACTOR"])
+def test_a_non_positive_beta_or_bias_factor_is_a_config_error_naming_the_key(key):
+    cfg = load_config(get_default_config(), None, [key, "0"])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + " must be positive"):
+        check_config(cfg)
 
 
 # ----------------------------------------------------------------------------- solver
