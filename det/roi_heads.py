@@ -3,7 +3,7 @@
 torchvision computes the box head's loss with beta 1/9 inside ``RoIHeads.forward`` (its module-level
 ``fastrcnn_loss``); the authors' maskrcnn-benchmark uses beta 1. Rather than copy ``forward``, this subclass
 keeps what the loss needs as torchvision computes it (the sampled labels and regression targets from
-``select_training_samples``, the box predictor's regression output from a forward hook) and, when beta is not
+``select_training_samples``, the box predictor's regression output from a forward hook held for the call) and, when beta is not
 torchvision's, replaces ``loss_box_reg`` with the same loss (sum over the foreground RoIs of the class's four
 deltas, divided by all sampled RoIs) at that beta. Parameters and state-dict keys are torchvision's.
 """
@@ -28,13 +28,8 @@ class RecipeRoIHeads(RoIHeads):
             raise ValueError(f"box head smooth-L1 beta must be positive, got {smooth_l1_beta}")
         roi_heads.__class__ = cls
         roi_heads.smooth_l1_beta = float(smooth_l1_beta)
-        roi_heads._box_regression = roi_heads._sampled = None
-        roi_heads.box_predictor.register_forward_hook(roi_heads._keep_box_regression)
+        roi_heads._sampled = None
         return roi_heads
-
-    def _keep_box_regression(self, module, inputs, outputs) -> None:
-        if self.training and self.smooth_l1_beta != TORCHVISION_BETA:
-            self._box_regression = outputs[1]
 
     def select_training_samples(self, proposals, targets):
         proposals, matched_idxs, labels, regression_targets = super().select_training_samples(proposals, targets)
@@ -42,15 +37,19 @@ class RecipeRoIHeads(RoIHeads):
         return proposals, matched_idxs, labels, regression_targets
 
     def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training or self.smooth_l1_beta == TORCHVISION_BETA:
+            return super().forward(features, proposals, image_shapes, targets)
+        # hooked for this call only, so that a box predictor replaced after building (new classes) is seen too
+        kept = {}
+        hook = self.box_predictor.register_forward_hook(lambda module, inputs, outputs: kept.update(regression=outputs[1]))
         try:
             result, losses = super().forward(features, proposals, image_shapes, targets)
-            if self.training and self.smooth_l1_beta != TORCHVISION_BETA:
-                labels, regression_targets = self._sampled
-                losses["loss_box_reg"] = box_regression_loss(self._box_regression, labels, regression_targets,
-                                                             self.smooth_l1_beta)
-            return result, losses
+            labels, regression_targets = self._sampled
         finally:
-            self._box_regression = self._sampled = None
+            hook.remove()
+            self._sampled = None
+        losses["loss_box_reg"] = box_regression_loss(kept["regression"], labels, regression_targets, self.smooth_l1_beta)
+        return result, losses
 
 
 def box_regression_loss(box_regression: Tensor, labels: list[Tensor], regression_targets: list[Tensor],

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from det.config import get_default_config
@@ -181,6 +182,9 @@ def test_box_head_beta_changes_only_the_box_loss():
         same = torch.equal(losses[1.0][key], losses[TORCHVISION_BETA][key])
         assert same == (key != "loss_box_reg"), key
     assert losses[1.0]["loss_box_reg"] > 0
+    # a box predictor swapped in after building (torchvision's fine-tuning idiom) is read the same way
+    model.roi_heads.box_predictor = FastRCNNPredictor(1024, 3)
+    assert torch.isfinite(model(images, targets)["loss_box_reg"])
 
 
 def test_rpn_beta_reimplementation_matches_torchvision_and_changes_the_rpn_box_loss():
