@@ -33,6 +33,14 @@ _C = CfgNode(
             "WEIGHTS": "",
             # classes including the background (None: from the training annotations)
             "NUM_CLASSES": in_range(None, 2, kind=int),
+            "RESNETS": {
+                # stride of each stage's first bottleneck on its 1x1 conv (MSRA, the authors) or on the 3x3
+                # (torchvision); ImageNet weights (BACKBONE_WEIGHTS) must come from the same layout
+                "STRIDE_IN_1X1": False,
+            },
+            # initialization of the box and mask heads: torchvision's, or the authors' (maskrcnn-benchmark: box head
+            # convs N(0, 0.01), box predictor cls N(0, 0.01) / bbox N(0, 0.001), biases 0); see det/model.py
+            "HEAD_INIT": one_of("torchvision", "authors"),
             "MIN_SIZE": positive(800),  # short side of the resized images
             "MAX_SIZE": positive(1333),  # cap on the long side
             "RPN": {  # torchvision's defaults (numbers of proposals are per image; PRE_NMS per FPN level)
@@ -45,6 +53,12 @@ _C = CfgNode(
                 "BG_IOU_THRESH": in_range(0.3, 0.0, 1.0),
                 "BATCH_SIZE_PER_IMAGE": positive(256),  # anchors sampled per image for the RPN losses
                 "POSITIVE_FRACTION": in_range(0.5, 0.0, 1.0),
+                "SMOOTH_L1_BETA": positive(1.0 / 9),  # of the RPN box loss (torchvision and the authors)
+                # POST_NMS_TOP_N_TRAIN counted over the whole batch in training (the authors), not per image
+                "POST_NMS_PER_BATCH": False,
+                # anchors reaching more than this many pixels outside the image are ignored by the RPN loss
+                # (the authors: 0); negative keeps them all (torchvision)
+                "STRADDLE_THRESH": -1.0,
             },
             "ROI_HEADS": {  # Detectron's: 512 RoIs per image, a quarter of them foreground
                 "BATCH_SIZE_PER_IMAGE": positive(512),
@@ -54,6 +68,7 @@ _C = CfgNode(
                 "SCORE_THRESH_TEST": in_range(0.05, 0.0, 1.0),
                 "NMS_THRESH_TEST": in_range(0.5, 0.0, 1.0),
                 "DETECTIONS_PER_IMG": positive(100),
+                "SMOOTH_L1_BETA": positive(1.0 / 9),  # of the box head's box loss (torchvision; the authors: 1)
             },
         },
         "DATA": {
@@ -81,6 +96,10 @@ _C = CfgNode(
             "MOMENTUM": in_range(0.9, 0.0, 1.0),
             "WEIGHT_DECAY": non_negative(1e-4),
             "NORM_WEIGHT_DECAY": non_negative(None, kind=float),  # None: WEIGHT_DECAY on norm parameters too
+            # every parameter named `bias` (norm betas included) trains at BASE_LR x BIAS_LR_FACTOR with weight
+            # decay WEIGHT_DECAY_BIAS (None: the decay it would have otherwise); the authors: 2 and 0
+            "BIAS_LR_FACTOR": positive(1.0),
+            "WEIGHT_DECAY_BIAS": non_negative(None, kind=float),
             "WARMUP_ITERS": non_negative(500),
             "WARMUP_FACTOR": in_range(1.0 / 3, 0.0, 1.0, low_open=True),  # the warm-up ramps the rate linearly from this fraction
             "AMP": one_of("off", "bf16", "fp16"),

@@ -196,6 +196,9 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
             box_fg_iou_thresh=roi.FG_IOU_THRESH, box_bg_iou_thresh=roi.BG_IOU_THRESH,
             box_score_thresh=roi.SCORE_THRESH_TEST, box_nms_thresh=roi.NMS_THRESH_TEST,
             box_detections_per_img=roi.DETECTIONS_PER_IMG,
+            stride_in_1x1=m.RESNETS.STRIDE_IN_1X1, head_init=m.HEAD_INIT,
+            rpn_smooth_l1_beta=rpn.SMOOTH_L1_BETA, box_smooth_l1_beta=roi.SMOOTH_L1_BETA,
+            rpn_post_nms_per_batch=rpn.POST_NMS_PER_BATCH, rpn_straddle_thresh=rpn.STRADDLE_THRESH,
         )
     except ValueError as e:  # an unknown norm option, a channel count GN cannot split, ...
         raise ConfigError(f"MODEL.NORM {m.NORM!r} / MODEL.HEAD_NORM / MODEL.NORM_OPTIONS {dict(m.NORM_OPTIONS)} / "
@@ -290,7 +293,8 @@ def build_optimizer(cfg: CfgNode, info: DistInfo, model: nn.Module):
     """``(optimizer, lr scheduler, grad scaler, lr)``: SGD at the linearly scaled rate, step schedule with warm-up."""
     s = cfg.SOLVER
     lr = linear_scaled_lr(s.BASE_LR, s.IMS_PER_GPU * info.world_size, s.REFERENCE_BATCH)
-    optimizer = build_sgd(model, lr, s.MOMENTUM, s.WEIGHT_DECAY, s.NORM_WEIGHT_DECAY)
+    optimizer = build_sgd(model, lr, s.MOMENTUM, s.WEIGHT_DECAY, s.NORM_WEIGHT_DECAY,
+                          bias_lr_factor=s.BIAS_LR_FACTOR, bias_weight_decay=s.WEIGHT_DECAY_BIAS)
     scheduler = build_scheduler(optimizer, LRSchedule("step", s.MAX_ITER, s.STEPS, s.GAMMA, s.WARMUP_ITERS, s.WARMUP_FACTOR))
     scaler = torch.amp.GradScaler(info.device.type, enabled=s.AMP == "fp16")
     return optimizer, scheduler, scaler, lr

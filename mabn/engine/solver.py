@@ -22,17 +22,33 @@ def linear_scaled_lr(base_lr: float, total_batch: int, reference_batch: int) -> 
 
 
 def build_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float, norm_weight_decay: Optional[float] = None,
-              nesterov: bool = False) -> torch.optim.SGD:
-    """SGD; ``norm_weight_decay`` (if not None) replaces ``weight_decay`` on every norm layer's gamma and beta."""
-    if norm_weight_decay is None:
-        params = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    else:
-        norm_params, other = [], []
-        for module in model.modules():
-            target = norm_params if is_norm(module) else other
-            target += [p for p in module.parameters(recurse=False) if p.requires_grad]
-        params = [{"params": other, "weight_decay": weight_decay}, {"params": norm_params, "weight_decay": norm_weight_decay}]
-        params = [g for g in params if g["params"]]
+              nesterov: bool = False, bias_lr_factor: float = 1.0, bias_weight_decay: Optional[float] = None) -> torch.optim.SGD:
+    """SGD whose parameter groups follow three rules, applied in this order of precedence:
+
+    * biases: every parameter named ``bias`` (norm betas included) trains at ``lr * bias_lr_factor`` with weight
+      decay ``bias_weight_decay`` (None: the decay the rules below give it), maskrcnn-benchmark's
+      ``BIAS_LR_FACTOR`` / ``WEIGHT_DECAY_BIAS``; a group of its own unless both are neutral (1, None);
+    * norms: ``norm_weight_decay`` (if not None) replaces ``weight_decay`` on every norm layer's other parameters;
+    * everything else: ``lr``, ``weight_decay``.
+
+    Groups come in a fixed order, other / norm / bias / norm bias (the last: norm betas while ``bias_weight_decay``
+    is None and ``norm_weight_decay`` is not), the empty ones left out, so that an optimizer state saved by a
+    run loads into the optimizer the same config builds. The first group always runs at ``lr`` itself.
+    """
+    separate_biases = bias_lr_factor != 1.0 or bias_weight_decay is not None
+    groups = {"other": [], "norm": [], "bias": [], "norm bias": []}
+    for module in model.modules():
+        rule = "norm" if is_norm(module) and norm_weight_decay is not None else "other"
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                biased = separate_biases and name == "bias"
+                groups[{"other": "bias", "norm": "norm bias"}[rule] if biased else rule].append(param)
+    norm_decay = weight_decay if norm_weight_decay is None else norm_weight_decay
+    settings = {"other": (1.0, weight_decay), "norm": (1.0, norm_decay),
+                "bias": (bias_lr_factor, weight_decay if bias_weight_decay is None else bias_weight_decay),
+                "norm bias": (bias_lr_factor, norm_decay if bias_weight_decay is None else bias_weight_decay)}
+    params = [{"params": groups[rule], "lr": lr * settings[rule][0], "weight_decay": settings[rule][1]}
+              for rule in groups if groups[rule]]
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
