@@ -34,6 +34,9 @@ _C = CfgNode(
             "BATCH_SIZE": 32,  # per process (GPU): the gradient batch N
             "WORKERS": 8,
             "SKIP_CORRUPT": False,
+            # ImageNet input pipeline: the authors' release (square crops, BGR 0-255, no mean/std) or torchvision's
+            # (RandomResizedCrop, RGB normalized by the ImageNet mean/std); see cls/transforms.py
+            "PIPELINE": one_of("authors", "torchvision"),
             "CROP_SIZE": 224,
             "RESIZE_SIZE": 256,
             "LIGHTING_STD": 0.1,
