@@ -53,6 +53,24 @@ def check_norm_batch_size(layer: str, norm_batch_size: Optional[int]) -> None:
         raise ValueError(f"{layer}: norm_batch_size must be a positive integer or None, got {norm_batch_size!r}")
 
 
+# When grouped BN and BRN fold a step's normalization batches into their running statistics (docs/algorithm.md,
+# section 6): "per_group" after every normalization batch, in order, as G separate nn.BatchNorm2d calls would;
+# "per_step" once per training step, with the mean over the step's G normalization batches of their statistics.
+RUNNING_STATS_UPDATES = ("per_group", "per_step")
+
+
+def check_running_stats_update(layer: str, running_stats_update: str) -> None:
+    if running_stats_update not in RUNNING_STATS_UPDATES:
+        raise ValueError(
+            f"{layer}: running_stats_update must be one of {', '.join(RUNNING_STATS_UPDATES)}, got {running_stats_update!r}"
+        )
+
+
+def running_stats_values(values: torch.Tensor, running_stats_update: str) -> torch.Tensor:
+    """The ``(G, C)`` group statistics as the running averages take them in: all ``G`` in order, or their mean."""
+    return values if running_stats_update == "per_group" else values.mean(0, keepdim=True)
+
+
 def split_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     """``(N, C, *S)`` -> ``(G, N // G, C, *S)``, a view for any memory format (channels_last included)."""
     return x.unflatten(0, (groups, x.shape[0] // groups))
@@ -279,7 +297,8 @@ class MovingAverageStatistics:
 # ============================================================================ 4. the baselines on the same step
 class BatchStatistics:
     """Grouped BN: each normalization batch by its own statistics, running averages as ``nn.BatchNorm2d``
-    would update them after every group (unbiased variance; ``momentum=None``: cumulative average)."""
+    updates them (unbiased variance; ``momentum=None``: cumulative average), after every group or once per
+    step with the groups' mean (``running_stats_update``); ``num_batches_tracked`` counts the updates."""
 
     class State(NamedTuple):
         running_mean: Optional[torch.Tensor]
@@ -289,6 +308,7 @@ class BatchStatistics:
     class Config(NamedTuple):
         eps: float
         momentum: Optional[float]  # update rate (nn.BatchNorm2d's convention)
+        running_stats_update: str = "per_group"  # one of RUNNING_STATS_UPDATES
 
     @staticmethod
     def centered(cfg) -> bool:
@@ -297,16 +317,17 @@ class BatchStatistics:
     @staticmethod
     def forward(mean: torch.Tensor, var: torch.Tensor, count, state: "BatchStatistics.State", cfg: "BatchStatistics.Config") -> Plan:
         if state.running_mean is not None:
-            groups = mean.shape[0]
-            unbiased = var * (count / max(count - 1, 1))
+            new_mean = running_stats_values(mean, cfg.running_stats_update)
+            new_var = running_stats_values(var * (count / max(count - 1, 1)), cfg.running_stats_update)  # unbiased
+            updates = new_mean.shape[0]
             if cfg.momentum is None:
                 seen = state.num_batches_tracked.to(state.running_mean.dtype)
-                state.running_mean.copy_((state.running_mean * seen + mean.sum(0)) / (seen + groups))
-                state.running_var.copy_((state.running_var * seen + unbiased.sum(0)) / (seen + groups))
+                state.running_mean.copy_((state.running_mean * seen + new_mean.sum(0)) / (seen + updates))
+                state.running_var.copy_((state.running_var * seen + new_var.sum(0)) / (seen + updates))
             else:
-                state.running_mean.copy_(sequential_ema(state.running_mean, mean, 1 - cfg.momentum)[1])
-                state.running_var.copy_(sequential_ema(state.running_var, unbiased, 1 - cfg.momentum)[1])
-            state.num_batches_tracked.add_(groups)
+                state.running_mean.copy_(sequential_ema(state.running_mean, new_mean, 1 - cfg.momentum)[1])
+                state.running_var.copy_(sequential_ema(state.running_var, new_var, 1 - cfg.momentum)[1])
+            state.num_batches_tracked.add_(updates)
         return Plan(mean, (var + cfg.eps).sqrt())
 
     @staticmethod
@@ -322,7 +343,11 @@ def _ramp(step: torch.Tensor, start: int, end: int) -> torch.Tensor:
 
 
 class RenormStatistics:
-    """Batch Renormalization (Ioffe 2017): batch statistics corrected towards the running ones by r and d."""
+    """Batch Renormalization (Ioffe 2017): batch statistics corrected towards the running ones by r and d.
+
+    ``running_stats_update="per_group"``: group ``j`` is corrected towards the averages that already hold groups
+    ``0..j-1`` of the step; ``"per_step"``: every group towards the averages before the step, which then take in
+    the groups' mean once."""
 
     class State(NamedTuple):
         running_mean: torch.Tensor
@@ -337,6 +362,7 @@ class RenormStatistics:
         warmup_steps: int
         r_max_steps: int
         d_max_steps: int
+        running_stats_update: str = "per_group"  # one of RUNNING_STATS_UPDATES
 
     @staticmethod
     def centered(cfg) -> bool:
@@ -354,8 +380,9 @@ class RenormStatistics:
         std = (var + cfg.eps).sqrt()
         step = state.num_batches_tracked + 1
         keep = 1.0 - cfg.momentum
-        mean_seen, mean_after = sequential_ema(state.running_mean, mean, keep)
-        var_seen, var_after = sequential_ema(state.running_var, var, keep)
+        mean_seen, mean_after = sequential_ema(state.running_mean, running_stats_values(mean, cfg.running_stats_update), keep)
+        var_seen, var_after = sequential_ema(state.running_var, running_stats_values(var, cfg.running_stats_update), keep)
+        mean_seen, var_seen = mean_seen.expand_as(mean), var_seen.expand_as(var)  # per_step: one row for all groups
         sigma = (var_seen.to(std.dtype) + cfg.eps).sqrt()
         r_lim, d_lim = (v.to(std.dtype) for v in RenormStatistics.limits(step, cfg))
         r = torch.minimum(torch.maximum(std / sigma, 1.0 / r_lim), r_lim)
