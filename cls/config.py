@@ -35,7 +35,8 @@ _C = CfgNode(
             "WORKERS": 8,
             "SKIP_CORRUPT": False,
             # ImageNet input pipeline: the authors' release (square crops, BGR 0-255, no mean/std) or torchvision's
-            # (RandomResizedCrop, RGB normalized by the ImageNet mean/std); see cls/transforms.py
+            # (RandomResizedCrop, RGB normalized by the ImageNet mean/std); see cls/transforms.py. Weights trained on
+            # one input format (MODEL.WEIGHTS from torchvision: torchvision's) expect that pipeline.
             "PIPELINE": one_of("authors", "torchvision"),
             "CROP_SIZE": 224,
             "RESIZE_SIZE": 256,
