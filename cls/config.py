@@ -34,6 +34,11 @@ _C = CfgNode(
             "BATCH_SIZE": positive(32),  # per process (GPU): the gradient batch N
             "WORKERS": non_negative(8),
             "SKIP_CORRUPT": False,
+            # ImageNet input pipeline: torchvision's (RandomResizedCrop, RGB normalized by the ImageNet mean/std; the
+            # default, what torchvision's weights expect) or the authors' release (square crops, BGR 0-255, no
+            # mean/std; the paper rows, configs/cls/base.yaml); see cls/transforms.py. Weights trained on one input
+            # format (MODEL.WEIGHTS) expect that pipeline.
+            "PIPELINE": one_of("torchvision", "authors"),
             "CROP_SIZE": positive(224),
             "RESIZE_SIZE": positive(256),
             "LIGHTING_STD": non_negative(0.1),

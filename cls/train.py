@@ -62,7 +62,7 @@ def check_config(cfg: CfgNode, test_only: bool = False) -> None:
 def build_transforms(cfg: CfgNode):
     d = cfg.DATA
     if d.DATASET == "imagenet":
-        return T.imagenet_train_transform(d.CROP_SIZE, d.LIGHTING_STD), T.imagenet_eval_transform(d.RESIZE_SIZE, d.CROP_SIZE)
+        return T.imagenet_transforms(d.PIPELINE, d.CROP_SIZE, d.RESIZE_SIZE, d.LIGHTING_STD)
     if d.DATASET == "fashion_mnist":
         return T.small_train_transform(28, d.PADDING), T.small_eval_transform()
     return None, None  # synthetic tensors need no transform

@@ -1,7 +1,16 @@
-"""Image transforms of the classification trainer: the authors' ImageNet recipe and a small-image one."""
+"""Image transforms of the classification trainer: two ImageNet pipelines and a small-image one.
+
+``DATA.PIPELINE authors`` is the input pipeline of the authors' release (megvii-model/MABN, ``cls/utils.py``):
+square random crops, OpenCV-style bilinear resizes on uint8 pixels, PCA lighting clipped to [0, 255] and a
+BGR 0-255 network input without mean/std. ``torchvision`` is torchvision's reference recipe
+(RandomResizedCrop, RGB in [0, 1] normalized by the ImageNet mean/std).
+"""
+import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,10 +71,186 @@ class Lighting:
         return f"{type(self).__name__}(std={self.std}{', inplace=True' if self.inplace else ''})"
 
 
+def imagenet_transforms(pipeline: str, crop_size: int, resize_size: int, lighting_std: float) -> tuple[Callable, Callable]:
+    """``(train, eval)`` transforms of the ImageNet pipeline ``pipeline`` ("authors" or "torchvision")."""
+    if pipeline == "authors":
+        return authors_train_transform(crop_size, lighting_std), authors_eval_transform(resize_size, crop_size)
+    if pipeline == "torchvision":
+        return imagenet_train_transform(crop_size, lighting_std), imagenet_eval_transform(resize_size, crop_size)
+    raise ValueError(f"unknown ImageNet pipeline {pipeline!r}: choose 'authors' or 'torchvision'")
+
+
+# ----------------------------------------------------------------------------- the authors' pipeline
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a ``3xHxW`` uint8 tensor (RGB order)."""
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(img).__name__}")
+    array = np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+# OpenCV's INTER_LINEAR on uint8 works in fixed point: weights in 1/2048 (INTER_RESIZE_COEF_BITS = 11).
+_COEF_BITS = 11
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and fixed-point weights of each output position, computed as OpenCV computes them.
+
+    The sample point is ``(dst + 0.5) * scale - 0.5`` (the half-pixel-centre convention of
+    ``F.interpolate(mode="bilinear", align_corners=False)``), in float32 like OpenCV; its fraction is rounded
+    (half to even, ``cvRound``) to 1/2048.
+    """
+    scale = 1.0 / (n_out / n_in)  # OpenCV keeps 1 / inv_scale, not n_in / n_out: the last bit matters
+    src = ((np.arange(n_out) + 0.5) * scale - 0.5).astype(np.float32)
+    low = np.floor(src).astype(np.int64)
+    frac = src - low.astype(np.float32)
+    upper = np.round(frac * (1 << _COEF_BITS)).astype(np.int32)
+    # Past the border both taps read the edge pixel, but keep their weights: the truncating vertical pass gives a
+    # different last bit for (w0, w1) than for (2048, 0).
+    return (torch.from_numpy(np.clip(low, 0, n_in - 1)), torch.from_numpy(np.clip(low + 1, 0, n_in - 1)),
+            torch.from_numpy((1 << _COEF_BITS) - upper), torch.from_numpy(upper))
+
+
+def bilinear_resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a ``CxHxW`` uint8 image to ``size = (height, width)`` as OpenCV's ``cv2.resize(INTER_LINEAR)``.
+
+    Mathematically this is ``F.interpolate(mode="bilinear", align_corners=False, antialias=False)`` (two taps, no
+    antialiasing, for up- and downscaling alike), but OpenCV rounds its weights to 1/2048 and its vectorized x86
+    path drops 4 bits of the horizontal sums before the vertical pass. Done in float, the result is off by one gray
+    level on about 12 % of the pixels; this integer emulation matched cv2 4.x on every pixel of the photos that
+    ``scripts/measure_opencv_resize.py`` measures (figures in docs/reproduction.md).
+    """
+    if image.dtype != torch.uint8 or image.dim() != 3:
+        raise ValueError(f"bilinear_resize expects a CxHxW uint8 image, got {image.dtype} {tuple(image.shape)}")
+    height, width = size
+    if height < 1 or width < 1:
+        raise ValueError(f"bilinear_resize: the target size must be positive, got {size}")
+    if tuple(image.shape[1:]) == (height, width):
+        return image.clone()  # OpenCV copies too
+    y0, y1, wy0, wy1 = _linear_taps(image.shape[1], height)
+    x0, x1, wx0, wx1 = _linear_taps(image.shape[2], width)
+    pixels = image.to(torch.int32)
+    rows = pixels[:, :, x0] * wx0 + pixels[:, :, x1] * wx1  # horizontal pass, weights summing to 2048
+    rows = rows >> 4
+    top, bottom = rows[:, y0], rows[:, y1]
+    out = (((wy0[:, None] * top) >> 16) + ((wy1[:, None] * bottom) >> 16) + 2) >> 2
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+class SquareRandomCrop:
+    """The authors' training crop: a random square of ``U(scale)`` times the image area, resized to ``size``.
+
+    The side is ``round(sqrt(area))``; its corner is uniform over the positions where the square fits. Up to
+    ``attempts`` squares are drawn until one fits inside the image; if none does, the last one is used with the
+    part outside the image zero (black), as in the authors' release. Input: a ``3xHxW`` uint8 tensor.
+    """
+
+    def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0), attempts: int = 10) -> None:
+        if size < 1 or attempts < 1 or not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"SquareRandomCrop needs size >= 1, attempts >= 1, 0 < scale[0] <= scale[1]; "
+                             f"got size={size}, scale={scale}, attempts={attempts}")
+        self.size, self.scale, self.attempts = int(size), (float(scale[0]), float(scale[1])), int(attempts)
+
+    @staticmethod
+    def _offset(slack: int) -> int:
+        """Uniform over [slack, 0] or [0, slack], both ends included (global torch RNG, seeded per worker)."""
+        low, high = min(slack, 0), max(slack, 0)
+        return int(torch.randint(low, high + 1, ()).item())
+
+    def window(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(top, left, side)`` of the square; top/left may be negative and the square may leave the image."""
+        for _ in range(self.attempts):
+            area = height * width * float(torch.empty(()).uniform_(*self.scale))
+            side = round(math.sqrt(area))
+            top, left = self._offset(height - side), self._offset(width - side)
+            if side <= height and side <= width:
+                break
+        return top, left, side
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        channels, height, width = image.shape
+        top, left, side = self.window(height, width)
+        crop = image.new_zeros((channels, side, side))
+        rows = slice(max(top, 0), min(top + side, height))
+        cols = slice(max(left, 0), min(left + side, width))
+        crop[:, rows.start - top:rows.stop - top, cols.start - left:cols.stop - left] = image[:, rows, cols]
+        return bilinear_resize(crop, (self.size, self.size))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, attempts={self.attempts})"
+
+
+class ClippedLighting:
+    """PCA lighting on a uint8 RGB image as the authors apply it: shift in [0, 1] units, back to 0-255, clip, truncate."""
+
+    def __init__(self, std: float) -> None:
+        self.lighting = Lighting(std)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype != torch.uint8:
+            raise TypeError(f"ClippedLighting expects a uint8 image, got {image.dtype}")
+        shifted = self.lighting(image.float() / 255) * 255
+        return shifted.clamp_(0, 255).to(torch.uint8)  # truncation, like numpy's uint8 cast
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(std={self.lighting.std})"
+
+
+def to_bgr_255(image: torch.Tensor) -> torch.Tensor:
+    """The network input of the authors' release: float32, channels in BGR order, values 0-255, no normalization."""
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"to_bgr_255 expects a 3xHxW uint8 RGB image, got {image.dtype} {tuple(image.shape)}")
+    return image.flip(0).float()
+
+
+class ShorterSideResize:
+    """Shorter side to ``size``, the longer one to ``int(size / short * long + 0.5)`` (the authors' rounding)."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"ShorterSideResize needs a positive size, got {size}")
+        self.size = int(size)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        _, height, width = image.shape
+        if height < width:
+            target = (self.size, int(self.size / height * width + 0.5))
+        else:
+            target = (int(self.size / width * height + 0.5), self.size)
+        return bilinear_resize(image, target)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+def authors_train_transform(crop_size: int = 224, lighting_std: float = 0.1) -> Callable:
+    """The authors' training augmentation: square random crop, clipped PCA lighting, flip, BGR 0-255."""
+    return T.Compose([
+        pil_to_uint8,
+        SquareRandomCrop(crop_size),
+        ClippedLighting(lighting_std),
+        T.RandomHorizontalFlip(),
+        to_bgr_255,
+    ])
+
+
+def authors_eval_transform(resize_size: int = 256, crop_size: int = 224) -> Callable:
+    """The authors' evaluation: shorter side to ``resize_size``, centre crop ``crop_size``, BGR 0-255."""
+    return T.Compose([
+        pil_to_uint8,
+        ShorterSideResize(resize_size),
+        T.CenterCrop(crop_size),
+        to_bgr_255,
+    ])
+
+
+# ----------------------------------------------------------------------------- torchvision's pipeline
+
+
 # After ToTensor the pipelines own their tensor, so Lighting and Normalize work in place: the same numbers without
 # allocating (and page-faulting) two more float images, ~0.2 ms of ~5 ms per ImageNet sample (scripts/bench_data.py).
 def imagenet_train_transform(crop_size: int = 224, lighting_std: float = 0.1) -> Callable:
-    """The authors' ImageNet training augmentation: random-resized crop, flip, PCA lighting."""
+    """torchvision's ImageNet training augmentation (with AlexNet's PCA lighting): random-resized crop, flip."""
     return T.Compose([
         T.RandomResizedCrop(crop_size, scale=(0.08, 1.0)),
         T.RandomHorizontalFlip(),

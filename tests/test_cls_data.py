@@ -34,6 +34,9 @@ def _path_pattern(path) -> str:
     pytest.param(T.imagenet_eval_transform(), 224, id="eval"),
     pytest.param(T.imagenet_train_transform(crop_size=64, lighting_std=0.0), 64, id="train-64-nolight"),
     pytest.param(T.imagenet_eval_transform(resize_size=72, crop_size=64), 64, id="eval-64"),
+    pytest.param(T.authors_train_transform(), 224, id="authors-train"),
+    pytest.param(T.authors_eval_transform(), 224, id="authors-eval"),
+    pytest.param(T.authors_eval_transform(resize_size=72, crop_size=64), 64, id="authors-eval-64"),
 ])
 def test_image_folder_loads_with_transforms(tmp_path, transform, crop):
     make_image_folder(tmp_path, "train", CLASSES)
@@ -464,3 +467,121 @@ def test_small_transforms(mode, size, mean, std):
 def test_small_transforms_reject_mismatched_stats():
     with pytest.raises(ValueError, match="one value per channel"):
         T.small_eval_transform((0.5, 0.5, 0.5), (0.2,))
+
+
+# ---------------------------------------------------------------------------------------------- the authors' pipeline
+
+def _opencv_linear_reference(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """OpenCV's INTER_LINEAR written out in float64: sample at (dst + 0.5) * scale - 0.5, clamped to the image."""
+    def taps(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        low = np.minimum(np.floor(src).astype(int), n_in - 1)
+        return low, np.minimum(low + 1, n_in - 1), src - low
+
+    y0, y1, wy = taps(image.shape[1], out_h)
+    x0, x1, wx = taps(image.shape[2], out_w)
+    img = image.astype(np.float64)
+    rows = img[:, y0] * (1 - wy)[None, :, None] + img[:, y1] * wy[None, :, None]
+    out = rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
+    return out  # unrounded
+
+
+@pytest.mark.parametrize("size", [(224, 224), (37, 53), (256, 341), (5, 3)], ids=["up", "down", "eval-like", "tiny"])
+def test_bilinear_resize_is_within_a_gray_level_of_the_linear_formula(size):
+    image = torch.randint(0, 256, (3, 61, 90), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ours = T.bilinear_resize(image, size).numpy().astype(np.float64)
+    exact = _opencv_linear_reference(image.numpy(), *size)
+    assert ours.shape == (3, *size)
+    # OpenCV's fixed point (weights in 1/2048, truncations) moves a value by less than one gray level
+    assert np.abs(ours - exact).max() < 1.0
+
+
+# cv2.resize(image, (3, 4), interpolation=cv2.INTER_LINEAR) of the image below, computed with opencv-python-headless
+# 5.1.0 (channels first); scripts/measure_opencv_resize.py compares whole photos.
+_CV2_SOURCE = (np.arange(6 * 7).reshape(6, 7, 1) * 37 + np.array([0, 91, 180])) % 256
+_CV2_RESIZED_4x3 = [
+    [[25, 112, 198], [30, 116, 203], [34, 121, 207], [39, 125, 212]],
+    [[116, 203, 33], [121, 207, 38], [125, 212, 42], [130, 216, 47]],
+    [[205, 36, 122], [210, 40, 127], [214, 45, 131], [219, 49, 136]],
+]
+_CV2_RESIZED_9x11_FIRST_ROWS = [  # rows 0 and 1 of the (11, 9) upscale, channel 2: the border rows' last bit
+    [180, 197, 220, 244, 174, 35, 58, 82, 106, 129, 146],
+    [182, 198, 210, 152, 94, 37, 60, 84, 107, 131, 148],
+]
+
+
+def test_bilinear_resize_matches_opencv_values():
+    image = torch.from_numpy(_CV2_SOURCE.astype(np.uint8)).permute(2, 0, 1).contiguous()
+    assert T.bilinear_resize(image, (4, 3)).tolist() == _CV2_RESIZED_4x3
+    assert T.bilinear_resize(image, (9, 11))[2, :2].tolist() == _CV2_RESIZED_9x11_FIRST_ROWS
+
+
+def test_bilinear_resize_rejects_bad_input():
+    with pytest.raises(ValueError, match="CxHxW uint8"):
+        T.bilinear_resize(torch.zeros(3, 4, 4), (2, 2))
+    with pytest.raises(ValueError, match="must be positive"):
+        T.bilinear_resize(torch.zeros(3, 4, 4, dtype=torch.uint8), (0, 2))
+
+
+def test_square_random_crop_is_square_and_inside_when_it_fits():
+    torch.manual_seed(0)
+    crop = T.SquareRandomCrop(224)
+    for _ in range(50):
+        top, left, side = crop.window(300, 400)
+        assert 0 <= top <= 300 - side and 0 <= left <= 400 - side
+        assert round(np.sqrt(0.08 * 300 * 400)) <= side <= 300
+    assert crop(torch.full((3, 300, 400), 7, dtype=torch.uint8)).shape == (3, 224, 224)
+
+
+def test_square_random_crop_zero_pads_a_square_larger_than_the_image():
+    # A 10 x 200 image: every square of area >= 0.08 * 2000 has a side >= 13 > 10, so all attempts fail and the
+    # last square is used, its rows outside the image black.
+    torch.manual_seed(0)
+    crop = T.SquareRandomCrop(size=40, attempts=10)
+    image = torch.full((3, 10, 200), 200, dtype=torch.uint8)
+    torch.manual_seed(1)
+    top, left, side = crop.window(10, 200)
+    assert side > 10 and 10 - side <= top <= 0 and 0 <= left <= 200 - side
+    torch.manual_seed(1)
+    out = T.SquareRandomCrop(size=side)(image)  # no resize: the padded square itself
+    assert out.shape == (3, side, side)
+    inside = slice(-top, -top + 10)
+    assert torch.all(out[:, inside] == 200)
+    outside = torch.ones(side, dtype=torch.bool)
+    outside[inside] = False
+    assert outside.any() and torch.all(out[:, outside] == 0)
+
+
+def test_authors_input_is_bgr_0_255_without_normalization():
+    rgb = Image.new("RGB", (300, 260), (250, 128, 3))
+    for transform in (T.authors_eval_transform(), T.authors_train_transform(lighting_std=0.0)):
+        x = transform(rgb)
+        assert x.dtype == torch.float32 and x.shape == (3, 224, 224)
+        assert torch.equal(x, torch.tensor([3.0, 128.0, 250.0])[:, None, None].expand(3, 224, 224))
+
+
+def test_authors_lighting_clips_to_0_255_and_truncates():
+    image = torch.tensor([0, 255, 128], dtype=torch.uint8)[:, None, None].expand(3, 4, 4).contiguous()
+    torch.manual_seed(0)
+    out = T.ClippedLighting(50.0)(image)  # a huge shift: channels saturate
+    torch.manual_seed(0)
+    alpha = torch.randn(3, dtype=torch.float64) * 50.0  # the same draw, spelled out
+    shift = torch.tensor(T.IMAGENET_PCA_EIGVEC, dtype=torch.float64) @ (alpha * torch.tensor(T.IMAGENET_PCA_EIGVAL, dtype=torch.float64))
+    expected = np.clip((image.double() / 255 + shift[:, None, None]).numpy() * 255, 0, 255).astype(np.uint8)
+    assert out.dtype == torch.uint8 and ((out == 0).any() or (out == 255).any())
+    assert np.abs(out.numpy().astype(int) - expected.astype(int)).max() <= 1  # float32 vs float64 at the truncation
+
+
+@pytest.mark.parametrize("shape,expected", [((260, 300), (256, 295)), ((500, 375), (341, 256)), ((256, 256), (256, 256))])
+def test_authors_eval_resize_rounds_the_longer_side(shape, expected):
+    image = torch.zeros((3, *shape), dtype=torch.uint8)
+    assert tuple(T.ShorterSideResize(256)(image).shape[1:]) == expected
+
+
+def test_imagenet_pipeline_choice():
+    authors_train, authors_eval = T.imagenet_transforms("authors", 224, 256, 0.1)
+    assert isinstance(authors_train.transforms[1], T.SquareRandomCrop)
+    torchvision_train, _ = T.imagenet_transforms("torchvision", 224, 256, 0.1)
+    assert isinstance(torchvision_train.transforms[0], torchvision.transforms.RandomResizedCrop)
+    with pytest.raises(ValueError, match="unknown ImageNet pipeline 'caffe'"):
+        T.imagenet_transforms("caffe", 224, 256, 0.1)

@@ -356,6 +356,62 @@ def test_batch_renorm_against_a_loop_over_normalization_batches():
     assert r_lim.item() == 1.5 and d_lim.item() == 0.5
 
 
+@pytest.mark.parametrize("momentum", [0.2, None], ids=["ema", "cumulative"])
+def test_grouped_batch_norm_per_step_update_against_a_plain_loop(momentum):
+    layer = BatchNorm2d(3, momentum=momentum, norm_batch_size=2, running_stats_update="per_step").double()
+    separate = nn.BatchNorm2d(3).double()  # normalization and gradients: the same as per_group
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    xs, dys = _data(3, (6, 3, 4, 4))
+    for step, (x, dy) in enumerate(zip(xs, dys), start=1):
+        (y, ), (dx, ) = _train_steps(layer, [x + 0.5], [dy])
+        parts = _train_steps(separate, list((x + 0.5).split(2)), list(dy.split(2)))
+        torch.testing.assert_close(y, torch.cat(parts[0]))
+        torch.testing.assert_close(dx, torch.cat(parts[1]))
+        step_mean = torch.stack([p.mean((0, 2, 3)) for p in (x + 0.5).split(2)]).mean(0)
+        step_var = torch.stack([p.var((0, 2, 3), unbiased=True) for p in (x + 0.5).split(2)]).mean(0)
+        rate = momentum if momentum is not None else 1.0 / step
+        mean, var = mean + rate * (step_mean - mean), var + rate * (step_var - var)
+        torch.testing.assert_close(layer.running_mean, mean)
+        torch.testing.assert_close(layer.running_var, var)
+    assert layer.num_batches_tracked.item() == 3  # one update per step
+    assert not torch.allclose(separate.running_mean, mean)  # the two options really differ
+
+
+def test_batch_renorm_per_step_update_against_a_loop_over_normalization_batches():
+    layer = BatchRenorm2d(3, momentum=0.3, warmup_steps=1, r_max_steps=4, d_max_steps=3, r_max=1.5, d_max=0.5,
+                          norm_batch_size=2, running_stats_update="per_step").double()
+    per_group = copy.deepcopy(layer)
+    per_group.running_stats_update = "per_group"
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    xs, _ = _data(6, (4, 3, 3, 3))
+    for step, x in enumerate(xs, start=1):
+        r_lim, d_lim = (t.item() for t in layer.limits(torch.tensor(step)))
+        expected, group_means, group_vars = [], [], []
+        for part in (x + 0.5).split(2):  # every group against the averages from before the step
+            y, _, _ = _loop_batch_renorm(part, layer.weight.detach(), layer.bias.detach(), mean, var, r_lim, d_lim, 1e-5, 0.3)
+            expected.append(y)
+            group_means.append(part.mean((0, 2, 3)))
+            group_vars.append(part.var((0, 2, 3), unbiased=False))
+        mean = mean + 0.3 * (torch.stack(group_means).mean(0) - mean)
+        var = var + 0.3 * (torch.stack(group_vars).mean(0) - var)
+        torch.testing.assert_close(layer(x + 0.5), torch.cat(expected))
+        torch.testing.assert_close(layer.running_mean, mean)
+        torch.testing.assert_close(layer.running_var, var)
+        per_group(x + 0.5)
+    assert not torch.allclose(per_group.running_mean, mean)
+
+
+@pytest.mark.parametrize("make", [BatchNorm2d, BatchRenorm2d])
+def test_running_stats_update_option_is_checked_and_reaches_build_norm(make):
+    with pytest.raises(ValueError, match="running_stats_update must be one of per_group, per_step, got 'per_epoch'"):
+        make(3, norm_batch_size=2, running_stats_update="per_epoch")
+    name = "bn" if make is BatchNorm2d else "brn"
+    assert build_norm(name, 3, norm_batch_size=2, running_stats_update="per_step").running_stats_update == "per_step"
+
+
 # ----------------------------------------------------------------------------- CenConv2d
 def test_cen_conv_is_a_conv_with_centered_filters():
     torch.manual_seed(0)

@@ -2,8 +2,12 @@
 
 ``BatchNorm2d(C, norm_batch_size=b)`` cuts a device batch of N into N / b consecutive groups and
 normalizes each group with its own statistics, exactly as N / b separate ``nn.BatchNorm2d`` calls
-in a row would (running statistics updated after every group). Without ``norm_batch_size`` (or when
-b equals the batch) it is ``nn.BatchNorm2d``: same class hierarchy, keys and native kernels.
+in a row would. ``running_stats_update`` says when the running statistics take the groups in:
+``"per_group"`` (default) after every group, as those N / b calls would (``momentum`` applied N / b times a
+step); ``"per_step"`` once per training step with the mean of the N / b group statistics (``momentum``
+applied once a step, as for BN at b = N). The paper rows use ``per_step`` (docs/algorithm.md, section 6).
+Without ``norm_batch_size`` (or when b equals the batch) it is ``nn.BatchNorm2d``: same class hierarchy,
+keys and native kernels, and the option changes nothing.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import BatchStatistics, check_batch_norm_options, check_norm_batch_size, num_groups, train_step
+from .functional import (BatchStatistics, check_batch_norm_options, check_norm_batch_size, check_running_stats_update,
+                         num_groups, train_step)
 from .fused import check_backend, select
 from .nonfinite import SkipWarning, register_counter
 from .misuse import NotScriptable
@@ -28,6 +33,7 @@ class BatchNorm2d(NotScriptable, nn.BatchNorm2d):
         track_running_stats: bool = True,
         *,
         norm_batch_size: Optional[int] = None,
+        running_stats_update: str = "per_group",
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -39,6 +45,8 @@ class BatchNorm2d(NotScriptable, nn.BatchNorm2d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         check_norm_batch_size(name, norm_batch_size)
         self.norm_batch_size = norm_batch_size
+        check_running_stats_update(name, running_stats_update)
+        self.running_stats_update = running_stats_update
         self.backend = check_backend(backend, name)
         register_counter(self, device)
         self._skip_warning = SkipWarning()
@@ -54,10 +62,10 @@ class BatchNorm2d(NotScriptable, nn.BatchNorm2d):
             running_mean=self.running_mean, running_var=self.running_var, num_batches_tracked=self.num_batches_tracked,
             num_nonfinite_skipped=self.num_nonfinite_skipped,
         )
-        config = BatchStatistics.Config(eps=self.eps, momentum=self.momentum)
+        config = BatchStatistics.Config(eps=self.eps, momentum=self.momentum, running_stats_update=self.running_stats_update)
         y, _ = train_step(x, self.weight, self.bias, select(self.backend, x.device), BatchStatistics, state, config, groups)
         self._skip_warning.after_training_forward(self, f"{type(self).__name__}({self.num_features}, norm_batch_size={self.norm_batch_size})")
         return y
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", norm_batch_size={self.norm_batch_size}"
+        return super().extra_repr() + f", norm_batch_size={self.norm_batch_size}, running_stats_update={self.running_stats_update}"

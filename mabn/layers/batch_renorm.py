@@ -5,6 +5,10 @@ Training, per normalization batch: ``y = gamma * ((x - mu_B) / sigma_B * r + d) 
 both constants for autograd, ``mu, sigma`` the running averages. ``r_max`` grows linearly from 1 and
 ``d_max`` from 0, starting after ``warmup_steps`` training steps and reaching their final values at
 ``r_max_steps`` / ``d_max_steps`` (Ioffe: 5k, 40k, 25k). Inference: ``(x - mu) / sigma``, like BN.
+With ``norm_batch_size`` b < N, ``running_stats_update`` says when ``mu, sigma`` take the N / b groups in:
+``"per_group"`` (default) after every group, so that group j is corrected towards averages holding groups
+0..j-1; ``"per_step"`` once per step with the groups' mean, every group corrected towards the averages before
+the step. The paper rows use ``per_step`` (docs/algorithm.md, section 6).
 The buffers carry ``nn.BatchNorm2d``'s names, so BN checkpoints load into BRN models.
 """
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import RenormStatistics, check_norm_batch_size, num_groups, train_step
+from .functional import RenormStatistics, check_norm_batch_size, check_running_stats_update, num_groups, train_step
 from .fused import check_backend, select
 from .nonfinite import SkipWarning, register_counter
 from .misuse import NotScriptable
@@ -35,6 +39,7 @@ class BatchRenorm2d(NotScriptable, nn.Module):
         r_max_steps: int = 40000,
         d_max_steps: int = 25000,
         norm_batch_size: Optional[int] = None,
+        running_stats_update: str = "per_group",
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -44,6 +49,7 @@ class BatchRenorm2d(NotScriptable, nn.Module):
         super().__init__()
         name = type(self).__name__
         check_norm_batch_size(name, norm_batch_size)
+        check_running_stats_update(name, running_stats_update)
         self.backend = check_backend(backend, name)
         if not (r_max >= 1 and d_max >= 0 and eps > 0):
             raise ValueError(f"{name}: need r_max >= 1, d_max >= 0 and eps > 0, got r_max={r_max}, d_max={d_max}, eps={eps}")
@@ -57,6 +63,7 @@ class BatchRenorm2d(NotScriptable, nn.Module):
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps, self.r_max_steps, self.d_max_steps = int(warmup_steps), int(r_max_steps), int(d_max_steps)
         self.norm_batch_size = norm_batch_size
+        self.running_stats_update = running_stats_update
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
             self.bias = nn.Parameter(torch.zeros(num_features, **factory))
@@ -73,7 +80,7 @@ class BatchRenorm2d(NotScriptable, nn.Module):
     def _config(self) -> RenormStatistics.Config:
         return RenormStatistics.Config(
             eps=self.eps, momentum=self.momentum, r_max=self.r_max, d_max=self.d_max, warmup_steps=self.warmup_steps,
-            r_max_steps=self.r_max_steps, d_max_steps=self.d_max_steps,
+            r_max_steps=self.r_max_steps, d_max_steps=self.d_max_steps, running_stats_update=self.running_stats_update,
         )
 
     def limits(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,5 +106,5 @@ class BatchRenorm2d(NotScriptable, nn.Module):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, r_max={self.r_max}, d_max={self.d_max}, "
             f"warmup_steps={self.warmup_steps}, r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}, "
-            f"norm_batch_size={self.norm_batch_size}"
+            f"norm_batch_size={self.norm_batch_size}, running_stats_update={self.running_stats_update}"
         )

@@ -61,6 +61,24 @@ def check_batch_norm_options(layer: str, eps: float, momentum: Optional[float]) 
         raise ValueError(f"{layer}: eps must be positive, got {eps}")
 
 
+# When grouped BN and BRN fold a step's normalization batches into their running statistics (docs/algorithm.md,
+# section 6): "per_group" after every normalization batch, in order, as G separate nn.BatchNorm2d calls would;
+# "per_step" once per training step, with the mean over the step's G normalization batches of their statistics.
+RUNNING_STATS_UPDATES = ("per_group", "per_step")
+
+
+def check_running_stats_update(layer: str, running_stats_update: str) -> None:
+    if running_stats_update not in RUNNING_STATS_UPDATES:
+        raise ValueError(
+            f"{layer}: running_stats_update must be one of {', '.join(RUNNING_STATS_UPDATES)}, got {running_stats_update!r}"
+        )
+
+
+def running_stats_values(values: torch.Tensor, running_stats_update: str) -> torch.Tensor:
+    """The ``(G, C)`` group statistics as the running averages take them in: all ``G`` in order, or their mean."""
+    return values if running_stats_update == "per_group" else values.mean(0, keepdim=True)
+
+
 def split_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     """``(N, C, *S)`` -> ``(G, N // G, C, *S)``, a view for any memory format (channels_last included)."""
     return x.unflatten(0, (groups, x.shape[0] // groups))
@@ -343,7 +361,8 @@ class MovingAverageStatistics:
 # ============================================================================ 4. the baselines on the same step
 class BatchStatistics:
     """Grouped BN: each normalization batch by its own statistics, running averages as ``nn.BatchNorm2d``
-    would update them after every group (unbiased variance; ``momentum=None``: cumulative average)."""
+    updates them (unbiased variance; ``momentum=None``: cumulative average), after every group or once per
+    step with the groups' mean (``running_stats_update``); ``num_batches_tracked`` counts the updates."""
 
     class State(NamedTuple):
         running_mean: Optional[torch.Tensor]
@@ -354,6 +373,7 @@ class BatchStatistics:
     class Config(NamedTuple):
         eps: float
         momentum: Optional[float]  # update rate (nn.BatchNorm2d's convention)
+        running_stats_update: str = "per_group"  # one of RUNNING_STATS_UPDATES
 
     @staticmethod
     def centered(cfg) -> bool:
@@ -362,24 +382,25 @@ class BatchStatistics:
     @staticmethod
     def forward(mean: torch.Tensor, var: torch.Tensor, count, state: "BatchStatistics.State", cfg: "BatchStatistics.Config") -> Plan:
         if state.running_mean is not None:
-            groups = mean.shape[0]
-            unbiased = var * (count / max(count - 1, 1))
-            kept = finite_statistics(mean, var)
+            new_mean = running_stats_values(mean, cfg.running_stats_update)
+            new_var = running_stats_values(var * (count / max(count - 1, 1)), cfg.running_stats_update)  # unbiased
+            updates = new_mean.shape[0]
+            kept = finite_statistics(new_mean, new_var)
             _count_skipped(state.num_nonfinite_skipped, kept)
             if cfg.momentum is None:
                 seen = state.num_batches_tracked.to(state.running_mean.dtype)
-                for average, values in ((state.running_mean, mean), (state.running_var, unbiased)):
-                    plain = (average * seen + values.sum(0)) / (seen + groups)
-                    # a channel's skipped groups are left out of its sum and its count (in this step only:
-                    # num_batches_tracked counts every group)
+                for average, values in ((state.running_mean, new_mean), (state.running_var, new_var)):
+                    plain = (average * seen + values.sum(0)) / (seen + updates)
+                    # a channel's skipped updates are left out of its sum and its count (in this step only:
+                    # num_batches_tracked counts every update)
                     total = seen + kept.sum(0)
                     kept_sum = torch.where(kept, values, torch.zeros_like(values)).sum(0)
                     skipping = torch.where(total > 0, (average * seen + kept_sum) / total.clamp(min=1), average)
                     average.copy_(_unless_skipped(kept, plain, skipping))
             else:
-                state.running_mean.copy_(sequential_ema(state.running_mean, mean, 1 - cfg.momentum, kept)[1])
-                state.running_var.copy_(sequential_ema(state.running_var, unbiased, 1 - cfg.momentum, kept)[1])
-            state.num_batches_tracked.add_(groups)
+                state.running_mean.copy_(sequential_ema(state.running_mean, new_mean, 1 - cfg.momentum, kept)[1])
+                state.running_var.copy_(sequential_ema(state.running_var, new_var, 1 - cfg.momentum, kept)[1])
+            state.num_batches_tracked.add_(updates)
         return Plan(mean, (var + cfg.eps).sqrt())
 
     @staticmethod
@@ -395,7 +416,11 @@ def _ramp(step: torch.Tensor, start: int, end: int) -> torch.Tensor:
 
 
 class RenormStatistics:
-    """Batch Renormalization (Ioffe 2017): batch statistics corrected towards the running ones by r and d."""
+    """Batch Renormalization (Ioffe 2017): batch statistics corrected towards the running ones by r and d.
+
+    ``running_stats_update="per_group"``: group ``j`` is corrected towards the averages that already hold groups
+    ``0..j-1`` of the step; ``"per_step"``: every group towards the averages before the step, which then take in
+    the groups' mean once."""
 
     class State(NamedTuple):
         running_mean: torch.Tensor
@@ -411,6 +436,7 @@ class RenormStatistics:
         warmup_steps: int
         r_max_steps: int
         d_max_steps: int
+        running_stats_update: str = "per_group"  # one of RUNNING_STATS_UPDATES
 
     @staticmethod
     def centered(cfg) -> bool:
@@ -428,10 +454,14 @@ class RenormStatistics:
         std = (var + cfg.eps).sqrt()
         step = state.num_batches_tracked + 1
         keep = 1.0 - cfg.momentum
-        kept = finite_statistics(mean, var)
+        # per_step: one row for all groups, which is skipped as a whole where a group's statistic is not finite
+        new_mean = running_stats_values(mean, cfg.running_stats_update)
+        new_var = running_stats_values(var, cfg.running_stats_update)
+        kept = finite_statistics(new_mean, new_var)
         _count_skipped(state.num_nonfinite_skipped, kept)
-        mean_seen, mean_after = sequential_ema(state.running_mean, mean, keep, kept)
-        var_seen, var_after = sequential_ema(state.running_var, var, keep, kept)
+        mean_seen, mean_after = sequential_ema(state.running_mean, new_mean, keep, kept)
+        var_seen, var_after = sequential_ema(state.running_var, new_var, keep, kept)
+        mean_seen, var_seen = mean_seen.expand_as(mean), var_seen.expand_as(var)
         sigma = (var_seen.to(std.dtype) + cfg.eps).sqrt()
         r_lim, d_lim = (v.to(std.dtype) for v in RenormStatistics.limits(step, cfg))
         r = torch.minimum(torch.maximum(std / sigma, 1.0 / r_lim), r_lim)
