@@ -16,6 +16,8 @@ import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mabn.engine.image_files import CorruptImageError, load_rgb
+
 logger = logging.getLogger(__name__)
 
 # The ILSVRC-2012 (ImageNet-1k) training set: what one epoch of the paper's recipe reads.
@@ -42,35 +44,8 @@ _FASHION_MNIST_HELP = (
 # idx type codes (third byte of the magic number) and their big-endian numpy dtypes.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
-# PIL reports malformed files through many exception types, depending on the format plugin and the stage.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
-
-
-class CorruptImageError(OSError):
-    """An image file that cannot be read or decoded; the message names the file."""
-
-
 class IdxFormatError(ValueError):
     """An idx(.gz) file that is truncated, corrupt or not of the expected kind; the message names the file."""
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, turning any decoding failure into a :class:`CorruptImageError` naming ``path``.
-
-    The pixels are those of torchvision's ``pil_loader`` (``Image.open(f).convert('RGB')``), without its copy of
-    images that decode to RGB already (nearly every JPEG): ``convert`` to the same mode copies the whole image,
-    a few per cent of the decode time of an ImageNet JPEG (``scripts/bench_data.py``).
-    """
-    try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            # load() / convert() force the full decode here, so that truncated files fail now and not in a transform.
-            if image.mode == "RGB":
-                image.load()
-                return image
-            return image.convert("RGB")
-    except _DECODE_ERRORS as e:
-        raise CorruptImageError(f"cannot read image {path}: {e}") from e
 
 
 class ImageFolderDataset(torchvision.datasets.ImageFolder):

@@ -18,8 +18,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from cls.datasets import load_rgb
 from det.transforms import ToTensor
+from mabn.engine.image_files import load_rgb
 
 
 def clipped_xyxy(bbox, height: int, width: int) -> tuple[float, float, float, float]:

@@ -13,7 +13,7 @@ COCO's average). Then, for every augmentation pipeline the classification traine
 * images per CPU-second of one process (CPU time, not wall time, so that other load on the machine does not
   count): the trainer's ``SeededDataset`` item by item, i.e. what one DataLoader worker on a core of its own does;
   the pipeline before (torchvision's ``pil_loader``: decode, then ``convert('RGB')``, which copies every image;
-  transforms that copy) and now (``cls.datasets.load_rgb``: no copy when the JPEG already decodes to RGB;
+  transforms that copy) and now (``mabn.engine.image_files.load_rgb``: no copy when the JPEG already decodes to RGB;
   ``Lighting`` and ``Normalize`` in place), interleaved round by round, with a check that both produce identical
   tensors; then the CPU time of each stage of the classification sample;
 * images/s (wall time) of a DataLoader with 1, 2, ... workers up to the cores present (files in the page cache);
@@ -54,10 +54,11 @@ from torchvision.datasets.folder import pil_loader
 
 from cls import train as cls_train
 from cls.config import get_default_config
-from cls.datasets import image_folder, load_rgb
+from cls.datasets import image_folder
 from det.coco import CocoDetection, decode_masks, segmentation_to_rle
 from det.sampler import collate_fn
 from det.transforms import build_transforms as det_transforms
+from mabn.engine.image_files import load_rgb
 from mabn.engine.sampling import SeededDataset
 
 # Assumed training throughputs of one current GPU (see the module docstring): images/s.

@@ -1,5 +1,7 @@
-"""Image files checked before any work starts: each exists and its header parses (format and size), without
-decoding it. A missing or broken validation image is then found before the training it would otherwise cost."""
+"""Image files as both trainers read them: decoded to RGB with errors that name the file (:func:`load_rgb`), and
+checked before any work starts (:func:`check_image_files`: each exists and its header parses, format and size,
+without decoding it), so that a missing or broken validation image is found before the training it would
+otherwise cost."""
 from __future__ import annotations
 
 import struct
@@ -7,12 +9,35 @@ from typing import Iterable, Optional
 
 from PIL import Image
 
-# PIL reports unreadable headers through many exception types, depending on the format plugin.
-HEADER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+# PIL reports malformed files through many exception types, depending on the format plugin and the stage.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 class ImageFileError(OSError):
     """An image file that is missing or whose header does not parse; the message names the file."""
+
+
+class CorruptImageError(OSError):
+    """An image file that cannot be read or decoded; the message names the file."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB, turning any decoding failure into a :class:`CorruptImageError` naming ``path``.
+
+    The pixels are those of torchvision's ``pil_loader`` (``Image.open(f).convert('RGB')``), without its copy of
+    images that decode to RGB already (nearly every JPEG): ``convert`` to the same mode copies the whole image,
+    a few per cent of the decode time of an ImageNet JPEG (``scripts/bench_data.py``).
+    """
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            # load() / convert() force the full decode here, so that truncated files fail now and not in a transform.
+            if image.mode == "RGB":
+                image.load()
+                return image
+            return image.convert("RGB")
+    except DECODE_ERRORS as e:
+        raise CorruptImageError(f"cannot read image {path}: {e}") from e
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -22,7 +47,7 @@ def image_size(path: str) -> tuple[int, int]:
             return image.size
     except FileNotFoundError:
         raise ImageFileError(f"image file not found: {path}") from None
-    except HEADER_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise ImageFileError(f"cannot read image {path}: {e}") from None
 
 
