@@ -110,6 +110,26 @@ def peak_memory(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> int:
     return _proc_status("VmHWM") - base
 
 
+def interleaved_times(layers: dict, x, dy, device: torch.device, rounds: int, warmup: int, calls: int = 1,
+                      clock=time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per forward + backward of each layer, one figure per round (the mean of ``calls`` calls), the
+    layers taking turns round by round so that a machine's changing load reaches them alike. ``warmup``
+    calls first compile kernels, fill windows and allocate gradients."""
+    for layer in layers.values():
+        for _ in range(warmup):
+            step(layer, x, dy)
+    times = {name: [] for name in layers}
+    for _ in range(rounds):
+        for name, layer in layers.items():
+            _sync(device)
+            start = clock()
+            for _ in range(calls):
+                step(layer, x, dy)
+            _sync(device)
+            times[name].append((clock() - start) / calls)
+    return times
+
+
 def bench_shape(shape, device: torch.device, repeats: int) -> dict:
     """Median forward + backward time of every layer on ``shape``, each layer once per round."""
     n, c, h, w = shape
@@ -117,17 +137,7 @@ def bench_shape(shape, device: torch.device, repeats: int) -> dict:
     x = torch.randn(shape, device=device)
     dy = torch.randn(shape, device=device)
     layers = {name: layer.to(device) for name, layer in layers_for(c, n).items()}
-    for layer in layers.values():  # warm up: compile kernels, fill windows, allocate gradients
-        for _ in range(2):
-            step(layer, x, dy)
-    times = {name: [] for name in layers}
-    for _ in range(repeats):
-        for name, layer in layers.items():
-            _sync(device)
-            start = time.perf_counter()
-            step(layer, x, dy)
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(layers, x, dy, device, repeats, warmup=2)
     bn_time = statistics.median(times["BN"])
     return {"shape": list(shape), "layers": {
         name: {"ms": 1e3 * statistics.median(t), "time_ratio": statistics.median(t) / bn_time} for name, t in times.items()
@@ -190,18 +200,7 @@ def fixed_costs(device: torch.device, rounds: int, calls: int = 50) -> dict[str,
         "MABN b=1": MABN2d(c, norm_batch_size=1, backend="fused", **mabn_options),
     }
     layers = {name: layer.to(device) for name, layer in layers.items()}
-    for layer in layers.values():
-        for _ in range(3):
-            step(layer, x, dy)
-    times = {name: [] for name in layers}
-    for _ in range(rounds):
-        for name, layer in layers.items():
-            _sync(device)
-            start = clock()
-            for _ in range(calls):
-                step(layer, x, dy)
-            _sync(device)
-            times[name].append((clock() - start) / calls)
+    times = interleaved_times(layers, x, dy, device, rounds, warmup=3, calls=calls, clock=clock)
     return {name: 1e6 * statistics.median(t) for name, t in times.items()}
 
 
