@@ -220,7 +220,10 @@ def stage_ms(dataset, images: int, rounds: int) -> dict[str, float]:
     """Median CPU ms per image of each stage of a classification sample: the loader, then each transform of the
     Compose in turn; and of the whole sample as the trainer loads it (``SeededDataset``, which also seeds)."""
     seeded = SeededDataset(dataset, seed=0)
-    stages = {"loader (load_rgb)": dataset.loader, **{type(t).__name__: t for t in dataset.transform.transforms}}
+    stages = {"loader (load_rgb)": dataset.loader}
+    for t in dataset.transform.transforms:  # a transform by its function's or its class's name, kept apart if repeated
+        name = getattr(t, "__name__", type(t).__name__)
+        stages[name if name not in stages else f"{name} ({len(stages)})"] = t
     times: dict[str, list[float]] = {name: [] for name in [*stages, WHOLE_SAMPLE]}
     for _ in range(rounds):
         spent = dict.fromkeys(times, 0.0)
