@@ -3,6 +3,7 @@
 Every YAML under ``configs/det/`` only states what differs from these; every value can be overridden
 on the command line (``SOLVER.BASE_LR 0.01``). See ``mabn/engine/config.py`` for the rules.
 """
+from det.input_format import INPUT_FORMATS
 from mabn.engine.config import CfgNode, in_range, non_negative, one_of, optional, positive
 from mabn.layers.registry import NORMS
 
@@ -41,6 +42,9 @@ _C = CfgNode(
             # initialization of the box and mask heads: torchvision's, or the authors' (maskrcnn-benchmark: box head
             # convs N(0, 0.01), box predictor cls N(0, 0.01) / bbox N(0, 0.001), biases 0); see det/model.py
             "HEAD_INIT": one_of("torchvision", "authors"),
+            # the network input made from the RGB [0, 1] images: torchvision's (normalized by the ImageNet mean / std)
+            # or the authors' (BGR 0-255 minus maskrcnn-benchmark's pixel mean, std 1); see det/input_format.py
+            "INPUT_FORMAT": one_of(*INPUT_FORMATS),
             "MIN_SIZE": positive(800),  # short side of the resized images
             "MAX_SIZE": positive(1333),  # cap on the long side
             "RPN": {  # torchvision's defaults (numbers of proposals are per image; PRE_NMS per FPN level)

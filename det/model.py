@@ -22,8 +22,10 @@ torchvision's defaults in a few points, each an argument here whose default is t
   ``assign_targets_to_anchors`` (and ``forward``, only to pass the image sizes on).
 * ``box_smooth_l1_beta``: :class:`det.roi_heads.RecipeRoIHeads`, a subclass of torchvision's RoI heads that
   recomputes ``loss_box_reg`` at that beta (torchvision's is fixed at 1/9 inside ``RoIHeads.forward``).
+* ``input_format='authors'``: the network input in BGR 0-255 minus maskrcnn-benchmark's pixel mean
+  (:class:`det.input_format.BGR255Transform`, overriding only ``normalize`` of torchvision's transform).
 
-torchvision's ``MaskRCNN`` builds its RPN and RoI heads itself from keyword arguments, so those two are
+torchvision's ``MaskRCNN`` builds its RPN, RoI heads and transform itself from keyword arguments, so those three are
 re-classed in place after it has built them: the state dict is torchvision's either way.
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RPNHead
 
 import mabn
+from det.input_format import adopt_input_format
 from det.roi_heads import RecipeRoIHeads
 from det.rpn import TORCHVISION_BETA, RecipeRPN
 
@@ -74,6 +77,7 @@ def build_mask_rcnn(
     box_smooth_l1_beta: float = TORCHVISION_BETA,
     rpn_post_nms_per_batch: bool = False,
     rpn_straddle_thresh: float = -1.0,
+    input_format: str = "torchvision",
     **maskrcnn_kwargs,
 ) -> MaskRCNN:
     """A torchvision ``MaskRCNN`` (ResNet-50-FPN, 4conv1fc box head, 4-conv mask head).
@@ -106,6 +110,8 @@ def build_mask_rcnn(
             (the authors) rather than per image (torchvision).
         rpn_straddle_thresh: anchors reaching more than this many pixels outside the image are left out of the
             RPN loss (the authors: 0); negative keeps them all (torchvision).
+        input_format: the network input made from the RGB [0, 1] images: 'torchvision' (normalized by the
+            ImageNet mean / std) or 'authors' (BGR 0-255 minus maskrcnn-benchmark's pixel mean; det/input_format.py).
         **maskrcnn_kwargs: passed to ``torchvision.models.detection.MaskRCNN`` (e.g.
             ``box_batch_size_per_image``, ``rpn_post_nms_top_n_test``, ``box_detections_per_img``,
             ``rpn_anchor_generator``).
@@ -152,6 +158,7 @@ def build_mask_rcnn(
     if head_init == "authors":
         init_box_predictor_as_authors(model.roi_heads.box_predictor)
         init_kaiming_fan_out(model.roi_heads.mask_predictor)
+    adopt_input_format(model.transform, input_format)
     RecipeRPN.adopt(model.rpn, rpn_smooth_l1_beta, rpn_post_nms_per_batch, rpn_straddle_thresh)
     RecipeRoIHeads.adopt(model.roi_heads, box_smooth_l1_beta)
     return model

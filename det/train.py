@@ -199,6 +199,7 @@ def build_model(cfg: CfgNode, num_classes: int) -> nn.Module:
             stride_in_1x1=m.RESNETS.STRIDE_IN_1X1, head_init=m.HEAD_INIT,
             rpn_smooth_l1_beta=rpn.SMOOTH_L1_BETA, box_smooth_l1_beta=roi.SMOOTH_L1_BETA,
             rpn_post_nms_per_batch=rpn.POST_NMS_PER_BATCH, rpn_straddle_thresh=rpn.STRADDLE_THRESH,
+            input_format=m.INPUT_FORMAT,
         )
     except ValueError as e:  # an unknown norm option, a channel count GN cannot split, ...
         raise ConfigError(f"MODEL.NORM {m.NORM!r} / MODEL.HEAD_NORM / MODEL.NORM_OPTIONS {dict(m.NORM_OPTIONS)} / "

@@ -58,7 +58,7 @@ def test_paper_rows_resolve_to_the_authors_values(row):
     cfg = load_config(get_default_config(), os.path.join(ROOT, "configs", "det", f"{row}.yaml"))
     check_config(cfg)
     m, s = cfg.MODEL, cfg.SOLVER
-    assert (s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS, m.HEAD_INIT) == (2.0, 0.0, "authors")
+    assert (s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS, m.HEAD_INIT, m.INPUT_FORMAT) == (2.0, 0.0, "authors", "authors")
     assert (m.RPN.SMOOTH_L1_BETA, m.ROI_HEADS.SMOOTH_L1_BETA) == (1 / 9, 1.0)
     assert (m.RPN.POST_NMS_PER_BATCH, m.RPN.POST_NMS_TOP_N_TRAIN, m.RPN.STRADDLE_THRESH) == (True, 2000, 0.0)
     # from scratch the authors' MSRA layout; a fine-tune row takes the layout its ImageNet weights were trained in
@@ -69,6 +69,7 @@ def test_defaults_are_torchvision_behaviour():
     cfg = get_default_config()
     m, s = cfg.MODEL, cfg.SOLVER
     assert (s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS, m.HEAD_INIT, m.RESNETS.STRIDE_IN_1X1) == (1.0, None, "torchvision", False)
+    assert m.INPUT_FORMAT == "torchvision"
     assert (m.RPN.SMOOTH_L1_BETA, m.ROI_HEADS.SMOOTH_L1_BETA, m.RPN.POST_NMS_PER_BATCH, m.RPN.STRADDLE_THRESH) == (1 / 9, 1 / 9, False, -1.0)
 
 
@@ -127,9 +128,22 @@ def test_stride_placement_shows_in_the_output_of_layer2_0_conv1(stride_in_1x1, c
 
 def test_authors_options_keep_the_torchvision_state_dict():
     authors = dict(stride_in_1x1=True, head_init="authors", rpn_smooth_l1_beta=1 / 9, box_smooth_l1_beta=1.0,
-                   rpn_post_nms_per_batch=True, rpn_straddle_thresh=0.0)
+                   rpn_post_nms_per_batch=True, rpn_straddle_thresh=0.0, input_format="authors")
     plain, recipe = tiny_model().state_dict(), tiny_model(**authors).state_dict()
     assert list(plain) == list(recipe) and all(plain[k].shape == recipe[k].shape for k in plain)
+
+
+def test_authors_input_format_is_bgr_0_255_minus_the_pixel_mean():
+    torch.manual_seed(2)
+    image = torch.rand(3, 6, 7)  # what the data pipeline gives: RGB in [0, 1]
+    authors = tiny_model(input_format="authors").transform.normalize(image)
+    mean_bgr = torch.tensor([102.9801, 115.9465, 122.7717])[:, None, None]
+    assert torch.allclose(authors, torch.stack([image[2], image[1], image[0]]) * 255 - mean_bgr, atol=1e-4)
+    # torchvision's: the ImageNet mean / std on RGB, untouched
+    imagenet = (image - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    assert torch.allclose(tiny_model().transform.normalize(image), imagenet, atol=1e-6)
+    with pytest.raises(ValueError, match="input_format must be one of"):
+        tiny_model(input_format="bgr")
 
 
 def test_authors_head_init_statistics():
