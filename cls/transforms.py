@@ -129,12 +129,19 @@ def bilinear_resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return image.clone()  # OpenCV copies too
     y0, y1, wy0, wy1 = _linear_taps(image.shape[1], height)
     x0, x1, wx0, wx1 = _linear_taps(image.shape[2], width)
+    # The same integer arithmetic as written out in one expression, in place and with index_select: about twice as
+    # fast as advanced indexing and fresh tensors at every operation (scripts/bench_data.py, SquareRandomCrop).
     pixels = image.to(torch.int32)
-    rows = pixels[:, :, x0] * wx0 + pixels[:, :, x1] * wx1  # horizontal pass, weights summing to 2048
-    rows = rows >> 4
-    top, bottom = rows[:, y0], rows[:, y1]
-    out = (((wy0[:, None] * top) >> 16) + ((wy1[:, None] * bottom) >> 16) + 2) >> 2
-    return out.clamp_(0, 255).to(torch.uint8)
+    rows = pixels.index_select(2, x0).mul_(wx0)  # horizontal pass, weights summing to 2048
+    rows.add_(pixels.index_select(2, x1).mul_(wx1))
+    rows >>= 4
+    top = rows.index_select(1, y0).mul_(wy0[:, None])
+    top >>= 16
+    bottom = rows.index_select(1, y1).mul_(wy1[:, None])
+    bottom >>= 16
+    top.add_(bottom).add_(2)
+    top >>= 2  # (top >> 16) + (bottom >> 16) + 2 >> 2
+    return top.clamp_(0, 255).to(torch.uint8)
 
 
 class SquareRandomCrop:
