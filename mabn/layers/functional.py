@@ -217,11 +217,15 @@ def sliding_window_mean(window: torch.Tensor, values: torch.Tensor, kept: Option
     # window on small layers); the window that ends at the latest kept value up to group j then starts at
     # dropped + kept_through_j.
     pushed = torch.cat([torch.ones_like(window, dtype=torch.bool), kept], dim=0)
-    dropped = ~pushed
-    position = torch.where(pushed, dropped.sum(0, keepdim=True) + running_count(pushed) - 1, running_count(dropped) - 1)
+    dropped = (~pushed).sum(0, keepdim=True)
+    # one running count serves all three: the window's m rows are always pushed, so kept_through_j is
+    # pushed_through[m + j] - m, and the dropped ones through row i are i + 1 - pushed_through[i]
+    pushed_through = running_count(pushed)
+    rows_through = torch.arange(1, pushed.shape[0] + 1, device=pushed.device)[:, None]
+    position = torch.where(pushed, dropped + pushed_through - 1, rows_through - pushed_through - 1)
     compact = torch.zeros_like(history).scatter(0, position, history)
     compact_means = compact.unfold(0, m, 1).mean(dim=-1)  # (G + 1, C): row i = mean(compact[i : i + m])
-    starts = (~kept).sum(0, keepdim=True) + running_count(kept)
+    starts = dropped + pushed_through[m:] - m
     return _unless_skipped(kept, means, compact_means.gather(0, starts)), _unless_skipped(kept, new_window, compact[-m:])
 
 
