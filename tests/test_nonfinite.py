@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mabn import BatchNorm2d, BatchRenorm2d, CenConv2d, MABN2d
+from mabn.layers import functional
 from mabn.layers.functional import sequential_ema, sliding_window_mean
 
 NAN = float("nan")
@@ -104,6 +105,25 @@ def test_one_nan_in_an_input_does_not_poison_the_state(backend, case):
     assert len(warned) == 1, [str(w.message) for w in warned]  # once per layer, though it happened twice
     kind = type(layer).__name__
     assert str(warned[0].message).startswith(f"{kind}(8") and "non-finite normalization statistic(s)" in str(warned[0].message)
+
+
+def _state_after_poisoned_run(layer):
+    train_out, eval_out, _ = _poisoned_run(layer)
+    return [train_out, eval_out, *layer.state_dict().values(), layer.num_nonfinite_skipped]
+
+
+@pytest.mark.parametrize("backend,case", [("reference", case) for case in LAYERS] + [("fused", "mabn-formal")])
+def test_both_policies_of_the_rule_give_the_same_numbers(monkeypatch, backend, case):
+    """The CPU runs one branch of the rule (functional.branches_on_flags); an accelerator computes both and picks
+    one on the device. Here both run on the CPU, over steps with and without a NaN: the same numbers bit for bit."""
+    on_host = _state_after_poisoned_run(LAYERS[case](backend))
+    asked = []
+    monkeypatch.setattr(functional, "branches_on_flags", lambda device: asked.append(device) or False)
+    on_device = _state_after_poisoned_run(LAYERS[case](backend))
+    assert asked  # the accelerator's policy ran (the fused graphs were traced again under it)
+    assert len(on_host) == len(on_device)
+    for a, b in zip(on_host, on_device):
+        assert torch.equal(a, b)
 
 
 def test_the_skipped_channel_keeps_its_statistics_and_the_others_move_on():

@@ -23,7 +23,7 @@ and backward, with ``g = weight * r_j * dy``:
 
 With the batch's own statistics (BN, BRN: the estimator returns them unchanged) this is exactly the gradient
 of batch normalization through ``mean_j`` and ``std_j``; MABN substitutes moving averages. Estimators touch
-only ``(G, C)`` / ``(m, C)`` tensors, never the activations, and never synchronize with the host, so the
+only ``(G, C)`` / ``(m, C)`` tensors, never the activations, and never wait for an accelerator, so the
 fused backend (:mod:`mabn.layers.fused`, the same formulas rearranged into compiled graphs) runs them too.
 """
 from __future__ import annotations
@@ -169,8 +169,8 @@ def group_moments(x: torch.Tensor, groups: int, centered: bool, dtype: torch.dty
 
 # Non-finite statistics (an fp16 overflow, a NaN in an input) never enter a layer's state: every estimator
 # below keeps them out of its windows and averages, per normalization batch and channel, as if that batch had
-# not been seen, and counts them. The plain formulas are computed as well and chosen whenever every value is
-# kept, so that finite inputs keep their numbers bit for bit.
+# not been seen, and counts them. Its formulas come in two branches, the plain ones and those that skip, and the
+# plain ones run whenever every value is kept, so that finite inputs keep their numbers bit for bit.
 def finite_statistics(*stats: Optional[torch.Tensor]) -> torch.Tensor:
     """``(G, C)`` bool: which normalization batches' statistics (all of those given) are finite."""
     kept = None
@@ -180,8 +180,27 @@ def finite_statistics(*stats: Optional[torch.Tensor]) -> torch.Tensor:
     return kept
 
 
-def _unless_skipped(kept: torch.Tensor, plain: torch.Tensor, skipping: torch.Tensor) -> torch.Tensor:
-    return torch.where(kept.all(), plain, skipping)
+def branches_on_flags(device: torch.device) -> bool:
+    """Whether the non-finite rule on ``device`` runs one of its two branches (the CPU: the flags are in host
+    memory, so reading them waits for nothing) or both, the device picking the result (an accelerator: the
+    training step never waits for the device)."""
+    return device.type == "cpu"
+
+
+def _unless_skipped(kept: torch.Tensor, plain: Callable[[], tuple], skipping: Callable[[], tuple], branch: bool = True) -> tuple:
+    """``plain()`` if every value of ``kept`` is True, else ``skipping()``; each returns a tuple of new tensors
+    of the same shapes (``torch.cond`` takes no branch that returns a view of its inputs).
+
+    Where :func:`branches_on_flags`, only the branch taken runs (compiled, as ``torch.cond``): the skipping
+    formulas (a masked count over (L, L, C), per-channel decay powers over (G + 1, G, C)) cost more than the
+    rest of a small layer's step, for a case that almost never happens. ``branch=False``: the caller's
+    skipping formulas are too small to be worth a branch (a compiled branch costs ~8 us on the CPU)."""
+    if branch and branches_on_flags(kept.device):
+        if torch.compiler.is_compiling():
+            return tuple(torch.cond(kept.all(), plain, skipping))
+        return plain() if bool(kept.all()) else skipping()
+    everything_kept = kept.all()
+    return tuple(torch.where(everything_kept, p, s) for p, s in zip(plain(), skipping()))
 
 
 def running_count(flags: torch.Tensor) -> torch.Tensor:
@@ -199,7 +218,7 @@ def _count_skipped(counter: Optional[torch.Tensor], kept: torch.Tensor) -> None:
 
 
 # Simple moving average (section 4): the mean of the last m normalization batches, vectorized over the G
-# groups of a device batch (no Python loop, no host synchronization).
+# groups of a device batch (no Python loop, no wait for the device).
 def sliding_window_mean(window: torch.Tensor, values: torch.Tensor, kept: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``window``: ``(m, C)``, the ``m`` most recent earlier values, oldest first; ``values``: ``(G, C)``, this
     step's groups in order. Returns ``(means, new_window)``: ``means[j]`` is the mean of the ``m`` most recent
@@ -208,25 +227,35 @@ def sliding_window_mean(window: torch.Tensor, values: torch.Tensor, kept: Option
     such a group is the mean as the latest kept value before it left it)."""
     m = window.shape[0]
     history = torch.cat([window, values.to(window.dtype)], dim=0)  # (m + G, C), oldest first
-    # unfold gives the m+G-m+1 windows of length m; window j+1 ends with group j.
-    means, new_window = history.unfold(0, m, 1)[1:].mean(dim=-1), history[-m:]
-    if kept is None:
-        return means, new_window
-    # The values not kept move to the front and the kept history follows in order (the permutation of a stable
-    # sort of the flags, written as a scatter: a sort is no compiled kernel but a library call of ~80 us per
-    # window on small layers); the window that ends at the latest kept value up to group j then starts at
-    # dropped + kept_through_j.
-    pushed = torch.cat([torch.ones_like(window, dtype=torch.bool), kept], dim=0)
-    dropped = (~pushed).sum(0, keepdim=True)
-    # one running count serves all three: the window's m rows are always pushed, so kept_through_j is
-    # pushed_through[m + j] - m, and the dropped ones through row i are i + 1 - pushed_through[i]
-    pushed_through = running_count(pushed)
-    rows_through = torch.arange(1, pushed.shape[0] + 1, device=pushed.device)[:, None]
-    position = torch.where(pushed, dropped + pushed_through - 1, rows_through - pushed_through - 1)
-    compact = torch.zeros_like(history).scatter(0, position, history)
-    compact_means = compact.unfold(0, m, 1).mean(dim=-1)  # (G + 1, C): row i = mean(compact[i : i + m])
-    starts = dropped + pushed_through[m:] - m
-    return _unless_skipped(kept, means, compact_means.gather(0, starts)), _unless_skipped(kept, new_window, compact[-m:])
+
+    # Each branch returns the means and the history it slid the window over, whose last m rows are the new
+    # window (a slice taken out here: torch.cond wants both branches' outputs laid out alike, which a slice of
+    # the plain history, a view of an input of the branch, is not after compilation). The branches read
+    # tensors only, and take their sizes from them: torch's older compilers take no integers into torch.cond.
+    def plain() -> tuple[torch.Tensor, torch.Tensor]:
+        # unfold gives the G windows of length m that end with a group: window j ends with group j.
+        return history[1:].unfold(0, history.shape[0] - values.shape[0], 1).mean(dim=-1), history.clone()
+
+    def skipping() -> tuple[torch.Tensor, torch.Tensor]:
+        # The values not kept move to the front and the kept history follows in order (the permutation of a
+        # stable sort of the flags, written as a scatter: a sort is no compiled kernel but a library call of
+        # ~80 us per window on small layers); the window that ends at the latest kept value up to group j then
+        # starts at dropped + kept_through_j.
+        rows, length = history.shape[0], history.shape[0] - kept.shape[0]
+        pushed = torch.cat([torch.ones_like(history[:length], dtype=torch.bool), kept], dim=0)
+        dropped = (~pushed).sum(0, keepdim=True)
+        # one running count serves all three: the window's m rows are always pushed, so kept_through_j is
+        # pushed_through[m + j] - m, and the dropped ones through row i are i + 1 - pushed_through[i]
+        pushed_through = running_count(pushed)
+        rows_through = torch.arange(1, rows + 1, device=pushed.device)[:, None]
+        position = torch.where(pushed, dropped + pushed_through - 1, rows_through - pushed_through - 1)
+        compact = torch.zeros_like(history).scatter(0, position, history)
+        compact_means = compact.unfold(0, length, 1).mean(dim=-1)  # (G + 1, C): row i = mean(compact[i : i + m])
+        starts = dropped + pushed_through[length:] - length
+        return compact_means.gather(0, starts), compact
+
+    means, slid = plain() if kept is None else _unless_skipped(kept, plain, skipping)
+    return means, slid[-m:]
 
 
 def _sma_in_use(step: torch.Tensor, norm_batches_before: torch.Tensor, groups: int, cfg) -> torch.Tensor:
@@ -263,17 +292,23 @@ def sequential_ema(average: torch.Tensor, values: torch.Tensor, momentum: float,
     j = torch.arange(groups + 1, device=device, dtype=dtype)
     k = torch.arange(groups, device=device, dtype=dtype)
     lag = j[:, None] - 1 - k[None, :]  # row j: groups k < j contribute momentum**(j-1-k)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    weights = torch.where(lag >= 0, (1 - momentum) * momentum ** lag.clamp(min=0), zero)
-    averages = (momentum ** j)[:, None] * average[None, :] + weights @ values.to(dtype)  # (G + 1, C)
-    if kept is not None:
+
+    def plain() -> tuple[torch.Tensor]:
+        zero = torch.zeros((), dtype=dtype, device=device)
+        weights = torch.where(lag >= 0, (1 - momentum) * momentum ** lag.clamp(min=0), zero)
+        return ((momentum ** j)[:, None] * average[None, :] + weights @ values.to(dtype),)  # (G + 1, C)
+
+    def skipping() -> tuple[torch.Tensor]:
         # per channel, a group's weight decays only over the kept groups after it: lag counts kept groups
+        zero = torch.zeros((), dtype=dtype, device=device)
         kept_before = torch.cat([torch.zeros_like(kept[:1], dtype=dtype), running_count(kept).to(dtype)])  # (G + 1, C)
         kept_lag = kept_before[:, None, :] - kept_before[None, 1:, :]  # (G + 1, G, C): kept groups in k+1 .. j-1
         kept_weights = torch.where((lag >= 0)[:, :, None] & kept[None], (1 - momentum) * momentum ** kept_lag.clamp(min=0), zero)
         kept_values = torch.where(kept, values.to(dtype), zero)
-        skipping = momentum ** kept_before * average[None, :] + (kept_weights * kept_values[None]).sum(1)
-        averages = _unless_skipped(kept, averages, skipping)
+        return (momentum ** kept_before * average[None, :] + (kept_weights * kept_values[None]).sum(1),)
+
+    # one group: the masked recurrence is a few (2, 1, C) tensors, cheaper than a branch
+    (averages,) = plain() if kept is None else _unless_skipped(kept, plain, skipping, branch=groups > 1)
     return averages[:-1], averages[-1]
 
 
@@ -282,15 +317,20 @@ def _inference_ema(average: torch.Tensor, values: torch.Tensor, kept: torch.Tens
     if cfg.warmup == "formal":
         return sequential_ema(average, values, cfg.momentum, kept)
     # classification release: once per step, seeded at step 1; every group sees the previous step's
-    step_mean = values.mean(0)
-    seeded = torch.where(step == 1, step_mean, average)
-    after = cfg.momentum * seeded + (1 - cfg.momentum) * step_mean
-    # the mean of the kept groups only; a channel without any keeps its average
-    count = kept.sum(0)
-    kept_mean = torch.where(kept, values, torch.zeros_like(values)).sum(0) / count.clamp(min=1)
-    kept_seeded = torch.where(step == 1, kept_mean, average)
-    kept_after = torch.where(count > 0, cfg.momentum * kept_seeded + (1 - cfg.momentum) * kept_mean, average)
-    return average.expand_as(values), _unless_skipped(kept, after, kept_after)
+    def plain() -> tuple[torch.Tensor]:
+        step_mean = values.mean(0)
+        seeded = torch.where(step == 1, step_mean, average)
+        return (cfg.momentum * seeded + (1 - cfg.momentum) * step_mean,)
+
+    def skipping() -> tuple[torch.Tensor]:
+        # the mean of the kept groups only; a channel without any keeps its average
+        count = kept.sum(0)
+        kept_mean = torch.where(kept, values, torch.zeros_like(values)).sum(0) / count.clamp(min=1)
+        kept_seeded = torch.where(step == 1, kept_mean, average)
+        return (torch.where(count > 0, cfg.momentum * kept_seeded + (1 - cfg.momentum) * kept_mean, average),)
+
+    (after,) = _unless_skipped(kept, plain, skipping)
+    return average.expand_as(values), after
 
 
 def _backward_average(window: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, use_sma: torch.Tensor) -> torch.Tensor:
@@ -406,14 +446,23 @@ class BatchStatistics:
             _count_skipped(state.num_nonfinite_skipped, kept)
             if cfg.momentum is None:
                 seen = state.num_batches_tracked.to(state.running_mean.dtype)
-                for average, values in ((state.running_mean, new_mean), (state.running_var, new_var)):
-                    plain = (average * seen + values.sum(0)) / (seen + updates)
+                pairs = ((state.running_mean, new_mean), (state.running_var, new_var))
+
+                def plain():
+                    return tuple((average * seen + values.sum(0)) / (seen + values.shape[0]) for average, values in pairs)
+
+                def skipping():
                     # a channel's skipped updates are left out of its sum and its count (in this step only:
                     # num_batches_tracked counts every update)
                     total = seen + kept.sum(0)
-                    kept_sum = torch.where(kept, values, torch.zeros_like(values)).sum(0)
-                    skipping = torch.where(total > 0, (average * seen + kept_sum) / total.clamp(min=1), average)
-                    average.copy_(_unless_skipped(kept, plain, skipping))
+                    return tuple(
+                        torch.where(total > 0, (average * seen + torch.where(kept, values, torch.zeros_like(values)).sum(0))
+                                    / total.clamp(min=1), average)
+                        for average, values in pairs
+                    )
+
+                for (average, _), updated in zip(pairs, _unless_skipped(kept, plain, skipping)):
+                    average.copy_(updated)
             else:
                 state.running_mean.copy_(sequential_ema(state.running_mean, new_mean, 1 - cfg.momentum, kept)[1])
                 state.running_var.copy_(sequential_ema(state.running_var, new_var, 1 - cfg.momentum, kept)[1])
