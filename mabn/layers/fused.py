@@ -143,7 +143,9 @@ def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
     is a copy (N = G * b is not provable there), and indexing (G, C) coefficients per sample instead costs
     an integer division per vector; either doubled the time of the grouped passes."""
     xr = x.unsqueeze(-1) if x.dim() == 2 else x
-    return xr.unflatten(0, (groups, xr.shape[0] // groups))
+    # a view splitting the outermost dimension, valid for every memory format (Tensor.unflatten does the same
+    # with ~2 us more Python per call, five calls per step)
+    return xr.view(groups, xr.shape[0] // groups, *xr.shape[1:])
 
 
 def _per_group(t: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:

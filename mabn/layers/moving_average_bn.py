@@ -239,9 +239,11 @@ class MovingAverageBatchNorm(NotScriptable, nn.Module):
             x, self.weight, self.bias, select(self.backend, x.device), MovingAverageStatistics, self._state(),
             self._config(), groups, plan, functools.partial(self._on_backward, token),
         )
-        self._last_plan = (groups, plan)
+        # into __dict__ directly: nn.Module.__setattr__ looks for a parameter, buffer or submodule of the name
+        # first (~5 us per attribute, on every training step), and these are none of them
+        self.__dict__["_last_plan"] = (groups, plan)
         if y.requires_grad:
-            self._pending = weakref.ref(token)
+            self.__dict__["_pending"] = weakref.ref(token)
         self._skip_warning.after_training_forward(self, f"{type(self).__name__}({self.num_features})")
         return y
 

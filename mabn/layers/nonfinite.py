@@ -45,7 +45,7 @@ class SkipWarning:
         return type(self), ()
 
     def after_training_forward(self, layer: nn.Module, label: str) -> None:
-        count = getattr(layer, COUNTER)
+        count = layer._buffers[COUNTER]  # not nn.Module.__getattr__'s slow path: this runs on every training step
         if self.warned or torch.compiler.is_compiling():
             return
         skipped = self._read(count)
