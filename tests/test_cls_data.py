@@ -2,6 +2,7 @@
 import gzip
 import logging
 import pickle
+import random
 import re
 
 import numpy as np
@@ -86,6 +87,35 @@ def test_loading_gives_the_tensors_of_the_copying_pipeline(tmp_path, transform, 
     dataset.loader, dataset.transform = torchvision.datasets.folder.pil_loader, copying
     before = [seeded[(1, i)][0] for i in range(len(dataset))]
     assert all(torch.equal(a, b) for a, b in zip(now, before))
+
+
+def test_seeded_dataset_seeds_the_cpu_generator_only_and_restores_it(monkeypatch):
+    """A sample's draws come from the CPU generator seeded per (seed, epoch, index), as torch.manual_seed would seed
+    it; the CUDA generators are never reseeded (that cost ~100 us per sample and, with no loader workers, left the
+    training process's CUDA generator reseeded), and the CPU generator and Python's random are restored."""
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return torch.rand(4), random.random()
+
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: cuda_seeds.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: cuda_seeds.append(seed))
+    seeded = SeededDataset(Draws(), seed=3)
+    torch.manual_seed(11)
+    random.seed(11)
+    cpu_state, python_state = torch.get_rng_state(), random.getstate()
+    cuda_seeds.clear()
+    drawn, number = seeded[(2, 1)]
+    assert cuda_seeds == []
+    assert torch.equal(torch.get_rng_state(), cpu_state) and random.getstate() == python_state
+    sample_seed = (3 * 1_000_003 + 2) * 10_000_019 + 1
+    torch.manual_seed(sample_seed)
+    random.seed(sample_seed)
+    assert torch.equal(drawn, torch.rand(4)) and number == random.random()
+    assert not torch.equal(seeded[(2, 2)][0], drawn)
 
 
 def test_lighting_in_place_adds_the_same_offset_to_the_given_tensor():

@@ -64,7 +64,10 @@ class SeededDataset(Dataset):
         python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             try:
-                torch.manual_seed(sample_seed)
+                # the CPU generator only, which is what the transforms draw from and what fork_rng(devices=[])
+                # restores: torch.manual_seed would also reseed every CUDA generator (~100 us per sample, and,
+                # with no loader workers, the training process's own, left reseeded afterwards)
+                torch.default_generator.manual_seed(sample_seed)
                 random.seed(sample_seed)
                 return self.dataset[index]
             finally:
