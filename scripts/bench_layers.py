@@ -5,6 +5,7 @@
     python scripts/bench_layers.py --device cpu --repeats 9 --json bench_layers.json
 
     python scripts/bench_layers.py --device cpu --fixed-cost   # microseconds per call where arithmetic is nil
+    python scripts/bench_layers.py --device cpu --rule-policies   # what branching on the non-finite flags saves
 
 Shapes: ResNet-50's norm inputs at N = 32 (64x56x56, 128x28x28, 256x14x14, 512x7x7 and their 4x-channel
 block outputs), a detection shape (N = 2, 256x200x272), small inputs where a layer's fixed cost shows (the
@@ -14,7 +15,10 @@ the reference path, BRN, GN, and the grouped b = 2 and b = 1 variants of BN, BRN
 against ungrouped BN, so they show what a normalization batch of 2 or 1 costs). Every layer runs once per
 round, rounds repeat, and the median is reported: these machines are noisy, so only ratios measured side by
 side mean anything. ``--fixed-cost`` times forward + backward on a (2, 16, 4, 4) input, where the
-arithmetic is negligible: what is left is each layer's fixed cost per call (dispatch, autograd, Python). Peak memory is what one forward + backward allocates on top of its
+arithmetic is negligible: what is left is each layer's fixed cost per call (dispatch, autograd, Python).
+``--rule-policies`` times the grouped layers with the non-finite rule as it runs on the CPU (only the branch
+needed, ``functional.branches_on_flags``) and as on an accelerator (both branches, the result picked), side by
+side in one process. Peak memory is what one forward + backward allocates on top of its
 input and output gradient (CUDA: allocator statistics; CPU, Linux: the peak resident size, in a child
 process whose glibc maps every allocation of 64 KiB or more on its own, so that freed memory leaves it).
 """
@@ -34,6 +38,7 @@ from torch import nn
 
 from bench_devices import add_device_options, selected_devices, write_report  # sibling script
 from mabn import BatchNorm2d, BatchRenorm2d, MABN2d
+from mabn.layers import functional
 
 SHAPES = [
     (32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7),
@@ -214,15 +219,92 @@ def print_fixed_costs(device: torch.device, costs: dict[str, float]) -> None:
         print(f"| {name} | {us:.0f} | {us - costs['BN']:+.0f} |")
 
 
+# (shape, b) cases of --rule-policies: one group, a few, and the ResNet-20 shapes at b = 2 and 1
+RULE_POLICY_CASES = [
+    ((2, 16, 4, 4), None), ((2, 16, 4, 4), 1), ((2, 256, 13, 21), None), ((8, 64, 16, 16), 1),
+    ((32, 32, 14, 14), 2), ((32, 64, 7, 7), 2), ((32, 64, 7, 7), 1),
+]
+
+
+class _UnderPolicy(nn.Module):
+    """``layer`` run with the non-finite rule's policy ``branches``: set in forward, it is still in force when that
+    forward's backward runs (every step here is a forward and its backward), and the compiled graphs guard on it,
+    so each policy keeps variants of its own."""
+
+    def __init__(self, layer: nn.Module, branches):
+        super().__init__()
+        self.layer, self.branches = layer, branches
+
+    def forward(self, x):
+        functional.branches_on_flags = self.branches
+        return self.layer(x)
+
+
+def rule_policies(device: torch.device, rounds: int) -> list[dict]:
+    """Microseconds per forward + backward of grouped BN, BRN and MABN under both policies of the non-finite rule,
+    and of nn.BatchNorm2d, all taking turns in one process (process CPU time on the CPU, as --fixed-cost)."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    on_host, on_device = functional.branches_on_flags, (lambda device: False)
+    results = []
+    try:
+        for shape, b in RULE_POLICY_CASES:
+            torch.manual_seed(0)
+            x, dy = torch.randn(shape, device=device), torch.randn(shape, device=device)
+            c = shape[1]
+            makers = {
+                "BN": lambda: BatchNorm2d(c, norm_batch_size=b, backend="fused"),
+                "BRN": lambda: BatchRenorm2d(c, norm_batch_size=b, backend="fused", warmup_steps=0),
+                "MABN": lambda: MABN2d(c, norm_batch_size=b, backend="fused", warmup_iters=0, renorm_warmup_iters=0),
+            }
+            layers = {"nn.BatchNorm2d": _UnderPolicy(nn.BatchNorm2d(c), on_host)}
+            for kind, make in makers.items():
+                if kind == "BN" and b is None:
+                    continue  # ungrouped, our BatchNorm2d is nn.BatchNorm2d: no rule to time
+                layers[f"{kind} both"] = _UnderPolicy(make(), on_device)
+                layers[f"{kind} branch"] = _UnderPolicy(make(), on_host)
+            layers = {name: layer.to(device) for name, layer in layers.items()}
+            calls = max(1, min(50, 200_000 // x.numel()))
+            times = interleaved_times(layers, x, dy, device, rounds, warmup=3, calls=calls, clock=clock)
+            results.append({"shape": list(shape), "norm_batch_size": b,
+                            "us": {name: 1e6 * statistics.median(t) for name, t in times.items()}})
+    finally:
+        functional.branches_on_flags = on_host
+    return results
+
+
+def print_rule_policies(device: torch.device, results: list[dict]) -> None:
+    clock = f"process CPU time, {torch.get_num_threads()} threads" if device.type == "cpu" else "wall time"
+    print(f"\n## {device.type.upper()}: the non-finite rule, both branches (as on an accelerator) against the branch "
+          f"needed (as on the CPU); us per forward + backward, median, {clock}; ratios to nn.BatchNorm2d\n")
+    print("| shape | b | nn.BatchNorm2d us | BN both | BN branch | BRN both | BRN branch | MABN both | MABN branch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        us = r["us"]
+        bn = us["nn.BatchNorm2d"]
+        cells = [f"{us[k]:.0f} ({us[k] / bn:.2f}x)" if k in us else "-"
+                 for k in ("BN both", "BN branch", "BRN both", "BRN branch", "MABN both", "MABN branch")]
+        b = r["norm_batch_size"] or "N"
+        print(f"| {'x'.join(map(str, r['shape']))} | {b} | {bn:.0f} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_options(parser)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--shapes", type=int, nargs="+", help="indices into the shape list (default: all)")
     parser.add_argument("--fixed-cost", action="store_true", help="only the fixed cost per call, in microseconds")
+    parser.add_argument("--rule-policies", action="store_true",
+                        help="only the non-finite rule's two policies (branch needed / both branches), side by side")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of cpu_memories
     args = parser.parse_args(argv)
     devices = selected_devices(parser, args.device)
+    if args.rule_policies:
+        report = {}
+        for device in devices:
+            report[device.type] = results = rule_policies(device, args.repeats)
+            print_rule_policies(device, results)
+        write_report(report, args.json)
+        return 0
     if args.fixed_cost:
         report = {}
         for device in devices:

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import bench_data  # noqa: E402
 import bench_inference  # noqa: E402
+import bench_layers  # noqa: E402
 import bench_train  # noqa: E402
 
 
@@ -57,3 +58,16 @@ def test_bench_data_measures_every_pipeline_on_generated_sets(tmp_path, capsys):
     bench_data.make_imagenet_like(str(tmp_path / "sets" / "imagenet"), 4)
     bench_data.make_coco_like(str(tmp_path / "sets" / "coco"), 2)
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "sets").rglob("*.*")) == files
+
+
+def test_bench_layers_times_both_policies_of_the_non_finite_rule(monkeypatch, capsys):
+    from mabn.layers import functional
+
+    policy = functional.branches_on_flags
+    monkeypatch.setattr(bench_layers, "RULE_POLICY_CASES", [((4, 4, 3, 3), 1)])
+    assert bench_layers.main(["--device", "cpu", "--rule-policies", "--repeats", "1"]) == 0
+    assert functional.branches_on_flags is policy  # the library's policy is put back
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4x4x3x3 | 1 |")]
+    assert len(rows) == 1
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert len(cells) == 9 and all(cell.endswith("x)") for cell in cells[3:])  # every grouped layer, both ways
