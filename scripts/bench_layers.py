@@ -298,18 +298,14 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of cpu_memories
     args = parser.parse_args(argv)
     devices = selected_devices(parser, args.device)
-    if args.rule_policies:
+    # the two modes that measure one thing on a fixed set of inputs: (measure, print) per device
+    mode = (rule_policies, print_rule_policies) if args.rule_policies else (fixed_costs, print_fixed_costs) if args.fixed_cost else None
+    if mode is not None:
+        measure, show = mode
         report = {}
         for device in devices:
-            report[device.type] = results = rule_policies(device, args.repeats)
-            print_rule_policies(device, results)
-        write_report(report, args.json)
-        return 0
-    if args.fixed_cost:
-        report = {}
-        for device in devices:
-            report[device.type] = costs = fixed_costs(device, args.repeats)
-            print_fixed_costs(device, costs)
+            report[device.type] = measured = measure(device, args.repeats)
+            show(device, measured)
         write_report(report, args.json)
         return 0
     shapes = [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
