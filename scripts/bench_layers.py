@@ -226,6 +226,9 @@ RULE_POLICY_CASES = [
 ]
 
 
+RULE_POLICY_KINDS = ("BN", "BRN", "MABN")
+
+
 class _UnderPolicy(nn.Module):
     """``layer`` run with the non-finite rule's policy ``branches``: set in forward, it is still in force when that
     forward's backward runs (every step here is a forward and its backward), and the compiled graphs guard on it,
@@ -257,7 +260,8 @@ def rule_policies(device: torch.device, rounds: int) -> list[dict]:
                 "MABN": lambda: MABN2d(c, norm_batch_size=b, backend="fused", warmup_iters=0, renorm_warmup_iters=0),
             }
             layers = {"nn.BatchNorm2d": _UnderPolicy(nn.BatchNorm2d(c), on_host)}
-            for kind, make in makers.items():
+            for kind in RULE_POLICY_KINDS:
+                make = makers[kind]
                 if kind == "BN" and b is None:
                     continue  # ungrouped, our BatchNorm2d is nn.BatchNorm2d: no rule to time
                 layers[f"{kind} both"] = _UnderPolicy(make(), on_device)

@@ -64,10 +64,13 @@ def test_bench_layers_times_both_policies_of_the_non_finite_rule(monkeypatch, ca
     from mabn.layers import functional
 
     policy = functional.branches_on_flags
+    # one input and one layer kind (each kind compiles its graphs twice, once per policy)
     monkeypatch.setattr(bench_layers, "RULE_POLICY_CASES", [((4, 4, 3, 3), 1)])
+    monkeypatch.setattr(bench_layers, "RULE_POLICY_KINDS", ("MABN",))
     assert bench_layers.main(["--device", "cpu", "--rule-policies", "--repeats", "1"]) == 0
     assert functional.branches_on_flags is policy  # the library's policy is put back
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4x4x3x3 | 1 |")]
     assert len(rows) == 1
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
-    assert len(cells) == 9 and all(cell.endswith("x)") for cell in cells[3:])  # every grouped layer, both ways
+    assert len(cells) == 9 and cells[3:7] == ["-"] * 4  # BN and BRN not asked for
+    assert all(cell.endswith("x)") for cell in cells[7:])  # MABN under both policies, as a ratio to nn.BatchNorm2d
