@@ -80,8 +80,11 @@ def running_stats_values(values: torch.Tensor, running_stats_update: str) -> tor
 
 
 def split_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(N, C, *S)`` -> ``(G, N // G, C, *S)``, a view for any memory format (channels_last included)."""
-    return x.unflatten(0, (groups, x.shape[0] // groups))
+    """``(N, C, *S)`` -> ``(G, N // G, C, *S)``, a view for any memory format (channels_last included).
+
+    ``view`` splitting the outermost dimension, not ``Tensor.unflatten`` (the same view with ~2 us more Python per
+    call: the fused backend makes five per training step)."""
+    return x.view(groups, x.shape[0] // groups, *x.shape[1:])
 
 
 def reduce_dims(grouped: torch.Tensor) -> tuple[int, ...]:
