@@ -169,3 +169,33 @@ def test_warm_variants_run_without_torch_compile_wrapper_and_what_no_guard_accep
     monkeypatch.setattr(graph, "_variants", [(_RefuseAll(), run) for _, run in graph._variants])
     _compare(make, (8, 8, 6, 5), torch.device("cpu"), steps=2)
     assert len(calls) == warm + 1  # once through the wrapper; then its variants are known again
+
+
+def test_warm_variants_call_the_functions_behind_dynamo_disable_wrappers():
+    """Dynamo's bytecode calls the compiled graph and its size helpers through ``disable`` wrappers, which do
+    nothing where the warm variants run (no frame interception set) but switch it off and on again; the
+    variants' globals hold the functions behind them instead, and nothing else changes."""
+    import functools
+
+    def f(x):
+        return x
+
+    codes = backends._disable_wrapper_codes()
+    assert backends._undisabled(torch._dynamo.disable(f), codes) is f
+    assert backends._undisabled(torch._disable_dynamo(f), codes) is f
+    plain_wrapper = functools.wraps(f)(lambda x: f(x))
+    assert backends._undisabled(plain_wrapper, codes) is plain_wrapper
+
+    _compare(MABN_CASES["formal-b=2"], (8, 8, 6, 5), torch.device("cpu"), steps=2)
+    unwrapped = 0
+    for fn in (backends._forward, backends._backward):
+        for _, run in backends._compiled(fn)._variants:
+            for name in run.__code__.co_names:
+                value, original = run.__globals__.get(name), fn.__globals__.get(name)
+                objects = [(value, original)]
+                if isinstance(value, type(torch)):
+                    objects = [(getattr(value, a), getattr(original, a)) for a in run.__code__.co_names if hasattr(value, a)]
+                for now, before in objects:
+                    assert getattr(now, "__code__", None) not in codes, name
+                    unwrapped += now is not before
+    assert unwrapped >= 4  # at least each direction's graph and size helper
