@@ -199,3 +199,24 @@ def test_warm_variants_call_the_functions_behind_dynamo_disable_wrappers():
                     assert getattr(now, "__code__", None) not in codes, name
                     unwrapped += now is not before
     assert unwrapped >= 4  # at least each direction's graph and size helper
+
+
+def test_graphs_with_the_rules_branches_are_loaded_from_inductors_caches(monkeypatch):
+    """On the CPU the non-finite rule's branches are ``torch.cond`` subgraphs, which inductor and AOTAutograd
+    cache only when marked cacheable; marked while the graphs here compile, a new process (here: the same one
+    after a reset of dynamo) loads them from the on-disk caches instead of compiling them again, and the
+    loaded graphs compute what the reference does."""
+    from torch._dynamo.utils import counters
+
+    make = MABN_CASES["formal-b=2"]
+    monkeypatch.setattr(backends, "_GRAPHS", {})
+    # twice from a reset: what a fresh process compiles first may differ from the variants the tests before
+    # this one compiled as recompilations; the first round puts it in the caches, the second loads it
+    for _ in range(2):
+        backends._GRAPHS.clear()
+        torch._dynamo.reset()
+        counters.clear()
+        _compare(make, (8, 8, 6, 5), torch.device("cpu"), steps=3)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 2, dict(counters["inductor"])
+    assert counters["aot_autograd"]["autograd_cache_hit"] >= 2, dict(counters["aot_autograd"])
+    assert not counters["inductor"]["fxgraph_cache_bypass"]

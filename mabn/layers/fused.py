@@ -25,6 +25,7 @@ warning. The environment variable ``MABN_BACKEND`` overrides ``'auto'`` for a wh
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import types
@@ -103,7 +104,7 @@ class _Graph:
                     return run(*args)
         # Floats (eps, momentum) as constants of the graph, not inputs: dynamo would otherwise wrap each in a
         # tensor on every call. A layer's floats are fixed, so this costs one variant per distinct value.
-        with torch._dynamo.config.patch(specialize_float=True):
+        with torch._dynamo.config.patch(specialize_float=True), _cond_cacheable():
             out = self._compiled(*args)
         self._variants = self._known_variants()
         return out
@@ -119,6 +120,27 @@ class _Graph:
             scope = _without_dynamo_disable(dict(fn.__globals__), entry.code.co_names)
             variants.append((entry.guard_manager, types.FunctionType(entry.code, scope, fn.__name__, fn.__defaults__, fn.__closure__)))
         return variants
+
+
+_COND = "torch.ops.higher_order.cond"
+
+
+def _cond_cacheable():
+    """While compiling the graphs here: graphs with ``torch.cond`` are kept in inductor's on-disk caches.
+
+    Inductor and AOTAutograd cache no graph holding a higher-order operator unless it is marked cacheable
+    (``unsafe_marked_cacheable_functions``: an operator that reads something outside the graph would be
+    looked up by a key that does not see it). ``cond`` reads nothing but its operands and its two branch
+    subgraphs, and the cache keys hash the branches' code with the graph's. Unmarked, every process
+    compiled the CPU graphs of the non-finite rule (functional._unless_skipped) afresh: ~4 s more per
+    pair of forward and backward graphs on its first step, on every rank of every run, even with warm
+    caches. The mark holds for these compiles only, not for the user's own."""
+    import torch._inductor.config as inductor_config
+
+    marked = getattr(inductor_config, "unsafe_marked_cacheable_functions", None)
+    if marked is None or _COND in marked:  # a torch without the option; or the user marked it already
+        return contextlib.nullcontext()
+    return inductor_config.patch(unsafe_marked_cacheable_functions={**marked, _COND: torch.__version__})
 
 
 def _disable_wrapper_codes() -> tuple:
