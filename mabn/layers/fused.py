@@ -45,7 +45,8 @@ _GRAPHS: dict = {}
 _LOG = logging.getLogger("mabn")
 FIRST_COMPILE_MESSAGE = (
     "mabn: compiling the fused normalization kernels with torch.compile (once per process and layer configuration; "
-    "the first training step takes about 15-40 s longer, the first channels_last input as long again). "
+    "the first training step takes about 15-40 s longer, the first channels_last input as long again; a few seconds "
+    "in later processes, which load the kernels from torch's on-disk caches). "
     "MABN_BACKEND=reference (or backend='reference') runs the uncompiled reference path instead."
 )
 
