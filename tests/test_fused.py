@@ -220,3 +220,24 @@ def test_graphs_with_the_rules_branches_are_loaded_from_inductors_caches(monkeyp
     assert counters["inductor"]["fxgraph_cache_hit"] >= 2, dict(counters["inductor"])
     assert counters["aot_autograd"]["autograd_cache_hit"] >= 2, dict(counters["aot_autograd"])
     assert not counters["inductor"]["fxgraph_cache_bypass"]
+
+
+def _refuse_to_run(*args):
+    raise AssertionError("a compiled variant ran")
+
+
+def test_a_compile_stance_set_by_the_user_is_obeyed(monkeypatch):
+    """``torch.compiler.set_stance("force_eager")`` runs the fused step's Python eagerly, not its compiled
+    variants, and computes the same numbers; back at the default stance the variants run again."""
+    make, shape = MABN_CASES["formal-b=2"], (8, 8, 6, 5)
+    _compare(make, shape, torch.device("cpu"), steps=2)
+    graphs = [backends._compiled(fn) for fn in (backends._forward, backends._backward)]
+    warm = [graph._variants for graph in graphs]
+    for graph in graphs:
+        monkeypatch.setattr(graph, "_variants", [(guards, _refuse_to_run) for guards, _ in graph._variants])
+    with torch.compiler.set_stance("force_eager"):
+        _compare(make, shape, torch.device("cpu"), steps=2)
+    for graph, variants in zip(graphs, warm):
+        graph._variants = [(guards, _refuse_to_run) for guards, _ in variants]
+    with pytest.raises(AssertionError, match="a compiled variant ran"):
+        _compare(make, shape, torch.device("cpu"), steps=1)

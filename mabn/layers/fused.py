@@ -77,14 +77,18 @@ class _Graph:
     a plain function: what dynamo would run, chosen by dynamo's own guards, less the ``disable`` wrappers
     that only matter while dynamo intercepts frames (:func:`_without_dynamo_disable`). Anything else (no entry
     fits, or dynamo is active around this call: tracing an enclosing model or intercepting frames) goes
-    through ``torch.compile``'s wrapper, which compiles a new variant if needed. (Dynamo drops an entry
+    through ``torch.compile``'s wrapper, which compiles a new variant if needed; so does every call under
+    a stance other than the default (``torch.compiler.set_stance``), which that wrapper obeys. (Dynamo drops an entry
     whose guards match an object by identity once that object dies; the graphs here take tensors,
     constants and module-level classes only, so no entry kept here can outlive what its guards name.)"""
 
     def __init__(self, fn):
         import torch._dynamo
+        import torch._dynamo.eval_frame
 
         _announce_first_compile()
+
+        self._eval_frame = torch._dynamo.eval_frame  # holds the stance set by torch.compiler.set_stance
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
         self._fn = fn
@@ -95,7 +99,8 @@ class _Graph:
     def __call__(self, *args):
         if torch.compiler.is_compiling():  # dynamo is tracing an enclosing function: let it inline fn
             return self._compiled(*args)
-        if _eval_frame_callback() is None:
+        # torch.compiler.set_stance (force_eager, fail_on_recompile...) is torch.compile's wrapper's to honour
+        if _eval_frame_callback() is None and self._eval_frame._stance.stance == "default":
             frame_locals = dict(zip(self._arg_names, args))
             variants = self._variants
             for i, (guards, run) in enumerate(variants):
