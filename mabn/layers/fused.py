@@ -100,7 +100,7 @@ class _Graph:
         if torch.compiler.is_compiling():  # dynamo is tracing an enclosing function: let it inline fn
             return self._compiled(*args)
         # torch.compiler.set_stance (force_eager, fail_on_recompile...) is torch.compile's wrapper's to honour
-        if _eval_frame_callback() is None and self._eval_frame._stance.stance == "default":
+        if _eval_frame_callback() is None and getattr(self._eval_frame, "_stance", _DEFAULT_STANCE).stance == "default":
             frame_locals = dict(zip(self._arg_names, args))
             variants = self._variants
             for i, (guards, run) in enumerate(variants):
@@ -124,11 +124,13 @@ class _Graph:
             # The bytecode reads the compiled graph from fn's module globals; a snapshot keeps it alive even
             # if dynamo's caches are reset later.
             scope = _without_dynamo_disable(dict(fn.__globals__), entry.code.co_names)
-            variants.append((entry.guard_manager, types.FunctionType(entry.code, scope, fn.__name__, fn.__defaults__, fn.__closure__)))
+            run = types.FunctionType(entry.code, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+            variants.append((entry.guard_manager, run))
         return variants
 
 
 _COND = "torch.ops.higher_order.cond"
+_DEFAULT_STANCE = types.SimpleNamespace(stance="default")  # for a torch without torch.compiler.set_stance
 
 
 def _cond_cacheable():
@@ -138,7 +140,7 @@ def _cond_cacheable():
     (``unsafe_marked_cacheable_functions``: an operator that reads something outside the graph would be
     looked up by a key that does not see it). ``cond`` reads nothing but its operands and its two branch
     subgraphs, and the cache keys hash the branches' code with the graph's. Unmarked, every process
-    compiled the CPU graphs of the non-finite rule (functional._unless_skipped) afresh: ~4 s more per
+    compiled the CPU graphs of the non-finite rule (functional._unless_skipped) afresh: 4-6 s more per
     pair of forward and backward graphs on its first step, on every rank of every run, even with warm
     caches. The mark holds for these compiles only, not for the user's own."""
     import torch._inductor.config as inductor_config
@@ -175,11 +177,12 @@ def _undisabled(obj, wrapper_codes: tuple):
 def _without_dynamo_disable(scope: dict, names: tuple) -> dict:
     """``scope`` with dynamo's disable wrappers taken off what compiled bytecode reading ``names`` calls.
 
-    Dynamo's bytecode calls the compiled graph, and the helpers that read the inputs' sizes (``call_size``, 10
-    calls per MABN step), through ``disable`` wrappers: each switches dynamo's frame interception off for the
-    call and back on after it (0.5-1 us on an idle machine, several times that under load; 14 calls per MABN
-    step). :class:`_Graph` runs the bytecode only where no interception is set, so there each wrapper does
-    nothing but cost; the functions behind them are called directly instead. The
+    Dynamo's bytecode calls the compiled graph, and its helpers that read the inputs' sizes and mark the
+    bytecode for the profiler (``call_size``, ``record_pregraph_bytecode_enter/exit``), through ``disable``
+    wrappers: each switches dynamo's frame interception off for the call and back on after it (0.5-1 us on
+    an idle machine, several times that under load; 12 calls per MABN step). :class:`_Graph` runs the
+    bytecode only where no interception is set, so there each wrapper does nothing but cost; the functions
+    behind them are called directly instead. The
     helpers are attributes of modules the bytecode imports (``torch._dynamo.utils``): such a module is
     replaced, for this bytecode only, by a module holding the attributes it reads."""
     codes = _disable_wrapper_codes()
