@@ -26,6 +26,7 @@ warning. The environment variable ``MABN_BACKEND`` overrides ``'auto'`` for a wh
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import types
@@ -95,6 +96,7 @@ class _Graph:
         self._compiled = torch.compile(fn, dynamic=True, fullgraph=True)
         self._arg_names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
         self._variants: list = []  # (guard manager, compiled bytecode as a function), most recently used first
+        self._runs: dict = {}  # compiled bytecode -> the function built from it, for the entries dynamo keeps
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():  # dynamo is tracing an enclosing function: let it inline fn
@@ -119,13 +121,19 @@ class _Graph:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
         fn = self._fn
-        variants = []
+        variants, runs = [], {}
         for entry in _debug_get_cache_entry_list(fn.__code__):
-            # The bytecode reads the compiled graph from fn's module globals; a snapshot keeps it alive even
-            # if dynamo's caches are reset later.
-            scope = _without_dynamo_disable(dict(fn.__globals__), entry.code.co_names)
-            run = types.FunctionType(entry.code, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+            # built once per entry (a copy of the module's globals, the wrappers looked up: ~40 us), not on
+            # every call that comes this way (under a stance, or inside an enclosing compile: each call does)
+            run = self._runs.get(entry.code)
+            if run is None:
+                # The bytecode reads the compiled graph from fn's module globals; a snapshot keeps it alive even
+                # if dynamo's caches are reset later.
+                scope = _without_dynamo_disable(dict(fn.__globals__), entry.code.co_names)
+                run = types.FunctionType(entry.code, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+            runs[entry.code] = run
             variants.append((entry.guard_manager, run))
+        self._runs = runs  # the entries dynamo dropped go here too
         return variants
 
 
@@ -151,6 +159,7 @@ def _cond_cacheable():
     return inductor_config.patch(unsafe_marked_cacheable_functions={**marked, _COND: torch.__version__})
 
 
+@functools.lru_cache(maxsize=None)
 def _disable_wrapper_codes() -> tuple:
     """The code objects of the wrappers that ``torch._dynamo.disable`` and ``torch._disable_dynamo`` put around a
     function (empty where this version of torch has neither)."""
