@@ -226,6 +226,39 @@ def _refuse_to_run(*args):
     raise AssertionError("a compiled variant ran")
 
 
+def test_threads_compile_one_at_a_time_and_leave_the_configs_as_they_were():
+    """Two threads reaching a graph's first call together (nn.DataParallel replicas): the second waits until
+    the first has compiled, so the config patches around each compile are undone in order (on a torch whose
+    patches are process-wide, interleaved ones would leave ``specialize_float`` on for the user's compiles)."""
+    import threading
+
+    inside, most = [0], [0]
+    entered, release = threading.Event(), threading.Event()
+
+    def compiling(t):  # stands in for torch.compile's wrapper on the slow path
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        entered.set()
+        release.wait(10)
+        inside[0] -= 1
+        return t
+
+    before = torch._dynamo.config.specialize_float
+    graph = backends._Graph(lambda t: t + 1)
+    graph._compiled = compiling
+    first, second = (threading.Thread(target=graph, args=(torch.ones(1),)) for _ in range(2))
+    first.start()
+    assert entered.wait(10)
+    second.start()
+    second.join(0.5)  # time enough to enter the compile, were it not locked
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert not first.is_alive() and not second.is_alive()
+    assert most[0] == 1
+    assert torch._dynamo.config.specialize_float == before
+
+
 def test_a_compile_stance_set_by_the_user_is_obeyed(monkeypatch):
     """``torch.compiler.set_stance("force_eager")`` runs the fused step's Python eagerly, not its compiled
     variants, and computes the same numbers; back at the default stance the variants run again."""

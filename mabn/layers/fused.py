@@ -29,6 +29,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 import types
 import warnings
 from typing import Optional
@@ -112,9 +113,12 @@ class _Graph:
                     return run(*args)
         # Floats (eps, momentum) as constants of the graph, not inputs: dynamo would otherwise wrap each in a
         # tensor on every call. A layer's floats are fixed, so this costs one variant per distinct value.
-        with torch._dynamo.config.patch(specialize_float=True), _cond_cacheable():
+        # One thread at a time: on an older torch (2.9) these patches are process-wide, not per thread, and two
+        # threads compiling at once (nn.DataParallel replicas on their first step) would restore them out of
+        # order, leaving them on for the user's own compiles. Dynamo compiles one frame at a time anyway.
+        with _COMPILING, torch._dynamo.config.patch(specialize_float=True), _cond_cacheable():
             out = self._compiled(*args)
-        self._variants = self._known_variants()
+            self._variants = self._known_variants()
         return out
 
     def _known_variants(self) -> list:
@@ -137,6 +141,7 @@ class _Graph:
         return variants
 
 
+_COMPILING = threading.RLock()  # re-entrant: a compile may run a nested one in the same thread
 _COND = "torch.ops.higher_order.cond"
 _DEFAULT_STANCE = types.SimpleNamespace(stance="default")  # for a torch without torch.compiler.set_stance
 
