@@ -5,6 +5,7 @@
     python scripts/bench_layers.py --device cpu --repeats 9 --json bench_layers.json
 
     python scripts/bench_layers.py --device cpu --fixed-cost   # microseconds per call where arithmetic is nil
+    python scripts/bench_layers.py --device cpu --fixed-cost-parts   # where MABN2d's fixed cost goes
     python scripts/bench_layers.py --device cpu --rule-policies   # what branching on the non-finite flags saves
 
 Shapes: ResNet-50's norm inputs at N = 32 (64x56x56, 128x28x28, 256x14x14, 512x7x7 and their 4x-channel
@@ -16,6 +17,9 @@ against ungrouped BN, so they show what a normalization batch of 2 or 1 costs). 
 round, rounds repeat, and the median is reported: these machines are noisy, so only ratios measured side by
 side mean anything. ``--fixed-cost`` times forward + backward on a (2, 16, 4, 4) input, where the
 arithmetic is negligible: what is left is each layer's fixed cost per call (dispatch, autograd, Python).
+``--fixed-cost-parts`` takes MABN2d's apart on that input: the step with its two compiled-graph calls replaced by
+their recorded results, and, timed inside those calls, dynamo's guard checks, the compiled variants and
+inductor's share of them.
 ``--rule-policies`` times the grouped layers with the non-finite rule as it runs on the CPU (only the branch
 needed, ``functional.branches_on_flags``) and as on an accelerator (both branches, the result picked), side by
 side in one process. Peak memory is what one forward + backward allocates on top of its
@@ -219,6 +223,174 @@ def print_fixed_costs(device: torch.device, costs: dict[str, float]) -> None:
         print(f"| {name} | {us:.0f} | {us - costs['BN']:+.0f} |")
 
 
+class _TimedGuards:
+    """A variant's guard manager that adds the time of each check to ``totals['guards']``."""
+
+    def __init__(self, guards, totals: dict):
+        self.guards, self.totals = guards, totals
+
+    def check(self, frame_locals) -> bool:
+        start = time.perf_counter_ns()
+        passed = self.guards.check(frame_locals)
+        self.totals["guards"] += time.perf_counter_ns() - start
+        return passed
+
+
+def _timed_run(run, totals: dict):
+    def timed(*args):
+        start = time.perf_counter_ns()
+        out = run(*args)
+        totals["runs"] += time.perf_counter_ns() - start
+        return out
+    return timed
+
+
+class _AlwaysPasses:
+    @staticmethod
+    def check(frame_locals) -> bool:
+        return True
+
+
+class _FusedGraphs:
+    """The variant lists of the fused backend's two graphs, swapped for instrumented or replaying ones.
+
+    ``fused._Graph`` runs the first variant in its list whose guards pass; the lists are shared by every layer
+    of a configuration, so each mode of :func:`fixed_cost_parts` sets them before its own steps."""
+
+    def __init__(self):
+        from mabn.layers import fused
+
+        self.graphs = [fused._compiled(fused._forward), fused._compiled(fused._backward)]
+        self.warm = [graph._variants for graph in self.graphs]
+
+    def plain(self) -> None:
+        for graph, variants in zip(self.graphs, self.warm):
+            graph._variants = variants
+
+    def timed(self, totals: dict) -> None:
+        for graph, variants in zip(self.graphs, self.warm):
+            graph._variants = [(_TimedGuards(guards, totals), _timed_run(run, totals)) for guards, run in variants]
+
+    def record(self) -> list:
+        """Variants that keep what the next call of each graph returns (``[forward's, backward's]``)."""
+        recorded = [None, None]
+        for i, (graph, variants) in enumerate(zip(self.graphs, self.warm)):
+            def keep(run, i=i):
+                def keeping(*args):
+                    recorded[i] = out = run(*args)
+                    return out
+                return keeping
+            graph._variants = [(guards, keep(run)) for guards, run in variants]
+        return recorded
+
+    def replay(self, recorded: list) -> None:
+        """No guard check, no graph: each call returns the recorded result (outputs written in place are not)."""
+        for graph, out in zip(self.graphs, recorded):
+            graph._variants = [(_AlwaysPasses, lambda *args, out=out: out)]
+
+
+class _InductorTimer:
+    """Adds the time spent in inductor's compiled modules (its generated Python and the kernels it calls) to
+    ``totals['inductor']`` while installed; nothing where this torch has no ``CompiledFxGraph``."""
+
+    def __init__(self, totals: dict):
+        try:
+            from torch._inductor.output_code import CompiledFxGraph
+        except ImportError:
+            CompiledFxGraph = None
+        self.cls, self.totals = CompiledFxGraph, totals
+        self.original = None if CompiledFxGraph is None else CompiledFxGraph.__call__
+
+    def __enter__(self):
+        if self.cls is not None:
+            original, totals = self.original, self.totals
+
+            def timed(graph, inputs):
+                start = time.perf_counter_ns()
+                out = original(graph, inputs)
+                totals["inductor"] += time.perf_counter_ns() - start
+                return out
+            self.cls.__call__ = timed
+        return self
+
+    def __exit__(self, *exc):
+        if self.cls is not None:
+            self.cls.__call__ = self.original
+
+
+FIXED_COST_PARTS = {
+    "nn.BatchNorm2d": "nn.BatchNorm2d, the whole step",
+    "MABN": "MABN2d fused, the whole step",
+    "MABN without graph calls": "MABN2d without its two graph calls (their recorded results returned instead)",
+    "guards": "its graph calls: dynamo's guard checks",
+    "runs": "its graph calls: the compiled variants (dynamo's bytecode, AOTAutograd's wrapper, inductor)",
+    "inductor": "of which inductor's compiled modules (generated Python and kernels)",
+    "rest": "the whole step less the three parts above it",
+    "MABN timed": "MABN2d fused with these timers on (what they add)",
+}
+
+
+def fixed_cost_parts(device: torch.device, rounds: int, calls: int = 50) -> dict[str, float]:
+    """Microseconds per forward + backward of MABN2d (fused) on FIXED_COST_SHAPE, taken apart: the whole step,
+    the step with its two compiled-graph calls replaced by their recorded results (what the layer's Python and
+    the autograd Function cost), and, timed inside the calls, the guard checks, the compiled variants and
+    inductor's part of those; nn.BatchNorm2d beside them. All modes take turns round by round in one process;
+    the whole steps on the clock of --fixed-cost, the parts on the wall clock (run it with OMP_NUM_THREADS=1)."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    torch.manual_seed(0)
+    x = torch.randn(FIXED_COST_SHAPE, device=device)
+    dy = torch.randn(FIXED_COST_SHAPE, device=device)
+    c = FIXED_COST_SHAPE[1]
+    bn = nn.BatchNorm2d(c).to(device)
+    layer = MABN2d(c, backend="fused", warmup_iters=0, renorm_warmup_iters=0).to(device)
+    for _ in range(3):
+        step(bn, x, dy)
+        step(layer, x, dy)
+    graphs = _FusedGraphs()
+    recorded = graphs.record()
+    step(layer, x, dy)
+    totals = {"guards": 0, "runs": 0, "inductor": 0}
+
+    def timed_steps(module, prepare=graphs.plain) -> float:
+        prepare()
+        _sync(device)
+        start = clock()
+        for _ in range(calls):
+            step(module, x, dy)
+        _sync(device)
+        return (clock() - start) / calls
+
+    times = {name: [] for name in ("nn.BatchNorm2d", "MABN", "MABN without graph calls", "MABN timed")}
+    parts = {name: [] for name in totals}
+    try:
+        for _ in range(rounds):
+            times["nn.BatchNorm2d"].append(timed_steps(bn))
+            times["MABN"].append(timed_steps(layer))
+            times["MABN without graph calls"].append(timed_steps(layer, lambda: graphs.replay(recorded)))
+            totals.update(guards=0, runs=0, inductor=0)
+            with _InductorTimer(totals):
+                times["MABN timed"].append(timed_steps(layer, lambda: graphs.timed(totals)))
+            for name in totals:
+                parts[name].append(totals[name] * 1e-9 / calls)
+    finally:
+        graphs.plain()
+    result = {name: 1e6 * statistics.median(t) for name, t in times.items()}
+    result.update({name: 1e6 * statistics.median(t) for name, t in parts.items()})
+    result["rest"] = result["MABN"] - result["MABN without graph calls"] - result["guards"] - result["runs"]
+    return result
+
+
+def print_fixed_cost_parts(device: torch.device, parts: dict[str, float]) -> None:
+    n, c, h, w = FIXED_COST_SHAPE
+    clock = f"{torch.get_num_threads()} threads" if device.type == "cpu" else "wall time"
+    print(f"\n## {device.type.upper()}: where MABN2d's fixed cost goes ({n}x{c}x{h}x{w} input, us per forward + backward, "
+          f"median, {clock})\n")
+    print("| part | us per step |")
+    print("|---|---|")
+    for name, label in FIXED_COST_PARTS.items():
+        print(f"| {label} | {parts[name]:.1f} |")
+
+
 # (shape, b) cases of --rule-policies: one group, a few, and the ResNet-20 shapes at b = 2 and 1
 RULE_POLICY_CASES = [
     ((2, 16, 4, 4), None), ((2, 16, 4, 4), 1), ((2, 256, 13, 21), None), ((8, 64, 16, 16), 1),
@@ -297,13 +469,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--shapes", type=int, nargs="+", help="indices into the shape list (default: all)")
     parser.add_argument("--fixed-cost", action="store_true", help="only the fixed cost per call, in microseconds")
+    parser.add_argument("--fixed-cost-parts", action="store_true",
+                        help="only where MABN2d's fixed cost goes: guards, compiled variants, the layer's own Python")
     parser.add_argument("--rule-policies", action="store_true",
                         help="only the non-finite rule's two policies (branch needed / both branches), side by side")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of cpu_memories
     args = parser.parse_args(argv)
     devices = selected_devices(parser, args.device)
     # the two modes that measure one thing on a fixed set of inputs: (measure, print) per device
-    mode = (rule_policies, print_rule_policies) if args.rule_policies else (fixed_costs, print_fixed_costs) if args.fixed_cost else None
+    modes = {"rule_policies": (rule_policies, print_rule_policies), "fixed_cost": (fixed_costs, print_fixed_costs),
+             "fixed_cost_parts": (fixed_cost_parts, print_fixed_cost_parts)}
+    mode = next((modes[name] for name in modes if getattr(args, name)), None)
     if mode is not None:
         measure, show = mode
         report = {}

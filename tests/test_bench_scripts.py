@@ -74,3 +74,22 @@ def test_bench_layers_times_both_policies_of_the_non_finite_rule(monkeypatch, ca
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
     assert len(cells) == 9 and cells[3:7] == ["-"] * 4  # BN and BRN not asked for
     assert all(cell.endswith("x)") for cell in cells[7:])  # MABN under both policies, as a ratio to nn.BatchNorm2d
+
+
+def test_bench_layers_takes_the_fixed_cost_apart_and_puts_the_graphs_back(capsys):
+    from mabn.layers import fused
+
+    assert bench_layers.main(["--device", "cpu", "--fixed-cost-parts", "--repeats", "2"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("| ") and not line.startswith("| part"):
+            label, value = (cell.strip() for cell in line.strip("|").split("|"))
+            rows[label] = float(value)
+    parts = {name: rows[label] for name, label in bench_layers.FIXED_COST_PARTS.items()}
+    assert all(value > 0 for name, value in parts.items() if name != "rest")
+    assert parts["MABN without graph calls"] < parts["MABN"]  # the graphs' calls were really left out
+    assert parts["inductor"] < parts["runs"]  # inductor's modules run inside the compiled variants
+    # the variants are dynamo's compiled ones again, not the timed or replaying stand-ins
+    for graph in (fused._compiled(fused._forward), fused._compiled(fused._backward)):
+        ids = lambda variants: {(id(guards), id(run)) for guards, run in variants}  # noqa: E731
+        assert graph._variants and ids(graph._variants) == ids(graph._known_variants())
