@@ -36,13 +36,14 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import torch
 from torch import nn
 
 from bench_devices import add_device_options, selected_devices, write_report  # sibling script
 from mabn import BatchNorm2d, BatchRenorm2d, MABN2d
-from mabn.layers import functional
+from mabn.layers import functional, fused
 
 SHAPES = [
     (32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7),
@@ -223,32 +224,17 @@ def print_fixed_costs(device: torch.device, costs: dict[str, float]) -> None:
         print(f"| {name} | {us:.0f} | {us - costs['BN']:+.0f} |")
 
 
-class _TimedGuards:
-    """A variant's guard manager that adds the time of each check to ``totals['guards']``."""
-
-    def __init__(self, guards, totals: dict):
-        self.guards, self.totals = guards, totals
-
-    def check(self, frame_locals) -> bool:
-        start = time.perf_counter_ns()
-        passed = self.guards.check(frame_locals)
-        self.totals["guards"] += time.perf_counter_ns() - start
-        return passed
-
-
-def _timed_run(run, totals: dict):
+def _timed(fn, totals: dict, part: str):
+    """``fn``, adding the wall time of each call to ``totals[part]`` (nanoseconds)."""
     def timed(*args):
         start = time.perf_counter_ns()
-        out = run(*args)
-        totals["runs"] += time.perf_counter_ns() - start
+        out = fn(*args)
+        totals[part] += time.perf_counter_ns() - start
         return out
     return timed
 
 
-class _AlwaysPasses:
-    @staticmethod
-    def check(frame_locals) -> bool:
-        return True
+_ALWAYS_PASSES = types.SimpleNamespace(check=lambda frame_locals: True)  # guards that accept anything
 
 
 class _FusedGraphs:
@@ -258,8 +244,6 @@ class _FusedGraphs:
     of a configuration, so each mode of :func:`fixed_cost_parts` sets them before its own steps."""
 
     def __init__(self):
-        from mabn.layers import fused
-
         self.graphs = [fused._compiled(fused._forward), fused._compiled(fused._backward)]
         self.warm = [graph._variants for graph in self.graphs]
 
@@ -269,7 +253,10 @@ class _FusedGraphs:
 
     def timed(self, totals: dict) -> None:
         for graph, variants in zip(self.graphs, self.warm):
-            graph._variants = [(_TimedGuards(guards, totals), _timed_run(run, totals)) for guards, run in variants]
+            graph._variants = [
+                (types.SimpleNamespace(check=_timed(guards.check, totals, "guards")), _timed(run, totals, "runs"))
+                for guards, run in variants
+            ]
 
     def record(self) -> list:
         """Variants that keep what the next call of each graph returns (``[forward's, backward's]``)."""
@@ -286,7 +273,7 @@ class _FusedGraphs:
     def replay(self, recorded: list) -> None:
         """No guard check, no graph: each call returns the recorded result (outputs written in place are not)."""
         for graph, out in zip(self.graphs, recorded):
-            graph._variants = [(_AlwaysPasses, lambda *args, out=out: out)]
+            graph._variants = [(_ALWAYS_PASSES, lambda *args, out=out: out)]
 
 
 class _InductorTimer:
@@ -303,14 +290,7 @@ class _InductorTimer:
 
     def __enter__(self):
         if self.cls is not None:
-            original, totals = self.original, self.totals
-
-            def timed(graph, inputs):
-                start = time.perf_counter_ns()
-                out = original(graph, inputs)
-                totals["inductor"] += time.perf_counter_ns() - start
-                return out
-            self.cls.__call__ = timed
+            self.cls.__call__ = _timed(self.original, self.totals, "inductor")
         return self
 
     def __exit__(self, *exc):
@@ -367,7 +347,7 @@ def fixed_cost_parts(device: torch.device, rounds: int, calls: int = 50) -> dict
             times["nn.BatchNorm2d"].append(timed_steps(bn))
             times["MABN"].append(timed_steps(layer))
             times["MABN without graph calls"].append(timed_steps(layer, lambda: graphs.replay(recorded)))
-            totals.update(guards=0, runs=0, inductor=0)
+            totals.update(dict.fromkeys(totals, 0))
             with _InductorTimer(totals):
                 times["MABN timed"].append(timed_steps(layer, lambda: graphs.timed(totals)))
             for name in totals:
@@ -476,7 +456,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of cpu_memories
     args = parser.parse_args(argv)
     devices = selected_devices(parser, args.device)
-    # the two modes that measure one thing on a fixed set of inputs: (measure, print) per device
+    # the modes that measure one thing on a fixed set of inputs: (measure, print) per device
     modes = {"rule_policies": (rule_policies, print_rule_policies), "fixed_cost": (fixed_costs, print_fixed_costs),
              "fixed_cost_parts": (fixed_cost_parts, print_fixed_cost_parts)}
     mode = next((modes[name] for name in modes if getattr(args, name)), None)
