@@ -141,7 +141,7 @@ class _Graph:
         return variants
 
 
-_COMPILING = threading.RLock()  # re-entrant: a compile may run a nested one in the same thread
+_COMPILING = threading.RLock()  # re-entrant: a call back into the slow path from the same thread cannot deadlock
 _COND = "torch.ops.higher_order.cond"
 _DEFAULT_STANCE = types.SimpleNamespace(stance="default")  # for a torch without torch.compiler.set_stance
 
